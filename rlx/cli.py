@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("rlx.checkpoint:export_main", "DCP checkpoint -> HF directory (safetensors)"),
     "plot": ("rlx.plot:main", "PNG curves from one or more run directories"),
     "make-tiny": ("rlx.models.tiny:main", "write a tiny random HF-format model + tokenizer"),
+    "config": ("rlx.config:cli_main", "print the resolved config (takes the same options as train)"),
 }
 
 

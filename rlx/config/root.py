@@ -1,0 +1,154 @@
+"""The root `Config`: one attribute per TOML section, validation, derived values, TOML output.
+
+Derived values (the "0 / empty means X" fields) are filled in one place, `Config.resolved()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlx.config.fields import ConfigError, check_fields, is_section, toml_key, toml_value, type_hints
+from rlx.config.sections import (
+    DataConfig, GeneratorConfig, JobConfig, ModelConfig, ParallelConfig, RewardConfig, SamplerConfig,
+)  # fmt: skip
+from rlx.config.train_sections import (
+    AlgorithmConfig, CheckpointConfig, LoggingConfig, LossConfig, OptimConfig, RolloutCorrectionConfig,
+    SFTConfig, TrainConfig, warn_cross_section,
+)  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    """A whole experiment. Each stage's builder receives only its own section."""
+
+    job: JobConfig = field(default_factory=JobConfig)
+    """The run: name, output directory, seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Policy and reference model."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Trainer parallelism."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """RL prompt data and batch sizes."""
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """Rollout engine."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """Which rollouts to generate and keep."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward function."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Advantage estimation."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Policy loss."""
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    """Off-policy correction."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """RL loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metric sinks."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """SFT warm start."""
+
+    @classmethod
+    def section_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def section(self, name: str) -> Any:
+        """The section called `name` (`config.section("loss")` is `config.loss`)."""
+        if name not in self.section_names():
+            raise ConfigError(f"unknown section {name!r}; valid sections: {', '.join(self.section_names())}")
+        return getattr(self, name)
+
+    @property
+    def run_dir(self) -> Path:
+        """<job.output_dir>/<job.name>: metrics, the resolved config.toml and (by default) checkpoints."""
+        return Path(self.job.output_dir) / self.job.name
+
+    def validate(self) -> None:
+        """Check types, ranges and the rules each section states; warn about conflicting options.
+
+        Raises ConfigError whose `key` is the dotted path of the offending setting.
+        """
+        for name in self.section_names():
+            section = getattr(self, name)
+            check_fields(section, name)
+            if hasattr(section, "validate"):
+                try:
+                    section.validate()
+                except ConfigError as e:
+                    raise ConfigError(e.message, f"{name}.{e.key}" if e.key else name) from None
+        warn_cross_section(self.loss, self.rollout_correction)
+
+    def resolved(self) -> Config:
+        """A copy with every "0 / empty / auto means X" field replaced by X, each substitution logged.
+
+        This is the one place derived values are computed. It is idempotent, and what a run saves.
+        """
+        derived: list[tuple[str, Any, str]] = []  # (key, value, why)
+
+        def derive(section: Any, name: str, unset: Any, value: Any, why: str, prefix: str) -> None:
+            if getattr(section, name) == unset:
+                setattr(section, name, value)
+                derived.append((f"{prefix}.{name}", value, why))
+
+        out = dataclasses.replace(self, **{n: _copy(getattr(self, n)) for n in self.section_names()})
+        derive(out.model, "tokenizer_path", "", out.model.path, "empty means model.path", "model")
+        derive(out.model, "ref_path", "", out.model.path, "empty means model.path", "model")
+        derive(out.data, "gen_batch_size", 0, out.data.train_batch_size, "0 means data.train_batch_size", "data")
+        derive(out.generator, "dtype", "auto", out.model.dtype, "auto means model.dtype", "generator")
+        derive(out.generator, "max_model_len", 0, out.data.max_prompt_length + out.generator.max_tokens,
+               "0 means data.max_prompt_length + generator.max_tokens", "generator")  # fmt: skip
+        derive(out.sampler.token_adaptive, "target_rollouts", 0, out.generator.n, "0 means generator.n",
+               "sampler.token_adaptive")  # fmt: skip
+        derive(out.checkpoint, "dir", "", str(self.run_dir / "checkpoints"), "empty means <run dir>/checkpoints",
+               "checkpoint")  # fmt: skip
+        for key, value, why in derived:
+            logger.info("config: %s = %r (%s)", key, value, why)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict of every section (None values included)."""
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """Every setting as TOML, one table per section; None values are omitted (TOML has no null)."""
+        lines: list[str] = []
+        for name in self.section_names():
+            _write_table(getattr(self, name), name, lines)
+        return "\n".join(lines).strip() + "\n"
+
+
+def _copy(section: Any) -> Any:
+    """Deep-enough copy of a section: nested sections and list/dict values are not shared."""
+    changes = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if is_section(type(value)):
+            changes[f.name] = _copy(value)
+        elif isinstance(value, (list, dict)):
+            changes[f.name] = type(value)(value)
+    return dataclasses.replace(section, **changes)
+
+
+def _write_table(section: Any, name: str, lines: list[str]) -> None:
+    hints = type_hints(type(section))
+    lines.append(f"[{name}]")
+    nested = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if is_section(hints[f.name]):
+            nested.append((f"{name}.{f.name}", value))
+        elif value is not None:
+            lines.append(f"{toml_key(f.name)} = {toml_value(value)}")
+    lines.append("")
+    for sub_name, sub in nested:
+        _write_table(sub, sub_name, lines)
