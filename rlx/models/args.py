@@ -109,7 +109,6 @@ class ModelArgs:
         else:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
         theta, scaling = _parse_rope(cfg)
-        known = {f for f in cls.__dataclass_fields__} | {"architectures", "model_type", "rope_parameters"}
         return cls(
             arch=arch,
             vocab_size=cfg["vocab_size"],
@@ -130,7 +129,7 @@ class ModelArgs:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
-            extra={k: v for k, v in cfg.items() if k in _PASSTHROUGH_KEYS and k not in known},
+            extra={k: cfg[k] for k in _PASSTHROUGH_KEYS if k in cfg},
         )
 
     def to_hf_config(self, dtype: str = "float32") -> dict[str, Any]:
