@@ -184,11 +184,11 @@ class TokenAdaptiveSamplerConfig:
     min_prefix_length: int = ranged(15, ge=0)
     """Failure points before this token index are ignored."""
     max_resamples_per_prefix: int = ranged(3, ge=0)
-    """Resamples from each truncated prefix."""
+    """Retry budget of each truncated rollout's chain: resamples from its (growing) prefix."""
     adaptive_temperature_scale: float = ranged(1.2, gt=0.0)
     """Temperature multiplier per resample retry."""
     target_rollouts: int = ranged(0, ge=0)
-    """Rollouts per prompt to aim for; 0 means generator.n."""
+    """Complete (non-truncated) rollouts per prompt to aim for; 0 means generator.n."""
 
 
 @dataclass
