@@ -30,8 +30,8 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    # The matmul runs in the input dtype (like the model's lm_head); softmax math runs in fp32.
-    logits = (hidden @ weight.t()).float()
+    # The matmul runs in the weight's dtype (like the model's lm_head); softmax math runs in fp32.
+    logits = (hidden.to(weight.dtype) @ weight.t()).float()
     return logits / temperature if temperature != 1.0 else logits
 
 
@@ -76,11 +76,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
             h = hidden[start:end]
             z = _chunk_logits(h, weight, ctx.temperature)
             probs = torch.exp(z - lse[start:end, None])
-            grad_z = torch.zeros_like(z)
             if grad_logprobs is not None:
-                g = grad_logprobs[start:end, None]
+                g = grad_logprobs[start:end, None].float()
                 grad_z = -g * probs
                 grad_z.scatter_add_(-1, labels[start:end, None], g)
+            else:
+                grad_z = torch.zeros_like(z)
             if use_entropy:
                 expected_z = (probs * z).sum(-1, keepdim=True)
                 grad_z -= grad_entropy[start:end, None] * probs * (z - expected_z)
@@ -89,7 +90,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_z /= ctx.temperature
             grad_z = grad_z.to(weight.dtype)
             if need_h:
-                grad_hidden[start:end] = grad_z @ weight
+                grad_hidden[start:end] = (grad_z @ weight).to(hidden.dtype)
             if need_w:
                 grad_weight += (grad_z.t() @ h.to(weight.dtype)).float()
         if need_w:
