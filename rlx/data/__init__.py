@@ -1,0 +1,60 @@
+"""Data stage: prompt datasets from JSONL / Parquet / HF datasets and the resumable training stream.
+
+The trainer calls `build_train_data(cfg.data, encode, ...)` and `build_val_data(cfg.data, encode)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rlx.data.prompts import (
+    Encode,
+    PromptDataset,
+    PromptStream,
+    batches,
+    get_field,
+    load_prompts,
+    read_records,
+    shard,
+)
+from rlx.errors import UserError
+
+__all__ = [
+    "Encode",
+    "PromptDataset",
+    "PromptStream",
+    "batches",
+    "build_train_data",
+    "build_val_data",
+    "get_field",
+    "load_prompts",
+    "read_records",
+    "shard",
+]
+
+
+def build_train_data(
+    cfg: Any, encode: Encode, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, decode: Callable | None = None
+) -> tuple[PromptDataset, PromptStream]:
+    """The training dataset and this rank's stream; a step's batch per rank is
+    `train_batch_size // dp_size` prompts (`take(k)` draws other amounts, e.g. gen batches)."""
+    if cfg.train_batch_size % dp_size:
+        raise UserError(f"data.train_batch_size={cfg.train_batch_size} is not divisible by the data-parallel size {dp_size}")
+    dataset = load_prompts(
+        cfg.train_files, encode, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key,
+        max_prompt_length=cfg.max_prompt_length, decode=decode,
+    )
+    stream = PromptStream(dataset, cfg.train_batch_size // dp_size, dp_rank, dp_size, seed, cfg.shuffle)
+    return dataset, stream
+
+
+def build_val_data(cfg: Any, encode: Encode, *, decode: Callable | None = None) -> PromptDataset | None:
+    """The validation prompts in file order, at most `val_max_samples` (0 = all); None without val_files.
+    Shard with `shard(dataset, dp_rank, dp_size)` and iterate with `batches(..., val_batch_size)`."""
+    if not cfg.val_files:
+        return None
+    return load_prompts(
+        cfg.val_files, encode, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key,
+        max_prompt_length=cfg.max_prompt_length, max_samples=cfg.val_max_samples, decode=decode,
+    )

@@ -1,0 +1,71 @@
+"""Reward stage: reward functions (built-ins or a user import path) and the pools that run them.
+
+`build_reward(cfg.reward, tokenizer)` returns a `RewardScorer` whose `score(rollouts)` decodes the
+responses and scores them in batches, on a local process pool, on Ray or inline.
+
+Reward-function contract
+------------------------
+    fn(response: str, ground_truth, **kwargs) -> float | dict
+
+- `response` is the decoded response (special tokens skipped); `ground_truth` is the prompt's
+  answer (`Prompt.ground_truth`, None for a rollout without a prompt); `kwargs` are
+  `reward.kwargs`. A function that names a parameter `prompt` also gets the prompt text (after
+  the chat template), one that names `data` gets the raw dataset record.
+- Return a number (the score) or a dict with a numeric `score` plus extras. Extras with finite
+  numeric values (bools count) are kept as floats, anything else (strings such as a parsed
+  prediction) is dropped.
+- `acc` rule: the extra `acc` is what the function returns; when it returns none,
+  `acc = float(score >= 1.0)` (a rollout is "accurate" when it earns the full reward, so partial
+  or format rewards below 1.0 do not count as correct).
+- A call that raises, runs past `reward.timeout_s`, or returns anything else (None, NaN, inf, a
+  string, a dict without `score`) scores 0 with `acc` 0, is counted (`reward/failures`, split
+  into `reward/errors`, `reward/timeouts`, `reward/invalid`) and logged in one warning line per
+  call naming the function and the first error. It never raises into the trainer.
+
+`reward.fn` is `math`, `exact_match`, `quickstart` (see `builtins`) or `pkg.module:function`.
+Process-pool workers are spawned, so they start with the trainer's `sys.path` copied in: a module
+importable in the trainer (installed, on PYTHONPATH, or added to `sys.path` before
+`build_reward`) is importable in the workers. A function may carry a `warmup()` attribute (slow
+imports, loading a verifier): each pool worker calls it once at start, outside the timeout. An import path that does not resolve raises
+`rlx.errors.UserError` naming it, when the scorer is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlx.errors import UserError
+from rlx.reward.builtins import REWARD_FNS, resolve_reward_fn
+from rlx.reward.scorer import InlineScorer, ProcessScorer, RayScorer, normalize_reward
+
+__all__ = [
+    "REWARD_FNS",
+    "InlineScorer",
+    "ProcessScorer",
+    "RayScorer",
+    "build_reward",
+    "normalize_reward",
+    "resolve_reward_fn",
+]
+
+
+def build_reward(cfg: Any, tokenizer: Any) -> InlineScorer | ProcessScorer | RayScorer:
+    """The scorer for a `RewardConfig` (`fn`, `backend`, `num_workers`, `timeout_s`,
+    `ray_address`, `kwargs`). `tokenizer` needs `decode(ids, skip_special_tokens=True)` (or
+    `batch_decode`). Call `close()` when done (the process pool's workers stop)."""
+    fn, backend = cfg.fn, getattr(cfg, "backend", "process")
+    if fn == "math":
+        try:
+            import math_verify  # noqa: F401
+        except ImportError as e:
+            raise UserError("reward.fn='math' needs the math-verify package: pip install 'rlx[math]'") from e
+    kwargs = dict(getattr(cfg, "kwargs", None) or {})
+    timeout_s = float(getattr(cfg, "timeout_s", 10.0))
+    num_workers = int(getattr(cfg, "num_workers", 2))
+    if backend == "inline":
+        return InlineScorer(fn, tokenizer, kwargs, timeout_s)
+    if backend == "process":
+        return ProcessScorer(fn, tokenizer, kwargs, timeout_s, num_workers)
+    if backend == "ray":
+        return RayScorer(fn, tokenizer, kwargs, timeout_s, num_workers, getattr(cfg, "ray_address", "") or "")
+    raise UserError(f"reward.backend={backend!r} is not one of process, ray, inline")
