@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -175,10 +177,17 @@ class Transformer(nn.Module):
         *,
         cu_seqlens: torch.Tensor | None = None,
         return_hidden: bool = False,
-    ) -> torch.Tensor:
+        output_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> Any:
         """input_ids [B, T]; position_ids [B, T] (restarting at 0 where a packed sequence
         starts) or None for 0..T-1; cu_seqlens [n+1] cumulative lengths of one packed row (B=1).
-        Tokens of different packed sequences never attend to each other."""
+        Tokens of different packed sequences never attend to each other.
+
+        Returns logits [B, T, V]; the final-normed hidden states [B, T, H] with return_hidden;
+        or `output_fn(hidden, output_weight)` when given. output_fn runs inside forward so that
+        parallel wrappers present the output weight as in a normal forward (FSDP has gathered
+        it; under TP it is a DTensor sharded on the vocabulary): the loss stage computes
+        logprobs chunk by chunk from it without materializing [T, V] logits."""
         B, T = input_ids.shape
         position_ids, mask = packing_mask(B, T, input_ids.device, position_ids, cu_seqlens)
         cos, sin = rope_cos_sin(rope_inv_freq(self.args, input_ids.device), position_ids)
@@ -186,6 +195,8 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask)
         x = self.model.norm(x)
+        if output_fn is not None:
+            return output_fn(x, self.lm_head.weight)
         return x if return_hidden else self.lm_head(x)
 
     @torch.no_grad()

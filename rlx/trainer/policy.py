@@ -1,0 +1,185 @@
+"""Policy forward passes over rollouts: packing, per-token logprobs/entropy, exact token stats.
+
+Rollouts (prompt + response) are packed several per row up to a token budget (position_ids restart
+at 0 per rollout, so packed rollouts never attend to each other), run through the model, and the
+response tokens' logprobs are computed from hidden states chunk by chunk (`logprobs_from_hidden`),
+never as a full [T, V] logits tensor. Results come back in the flat `[B, T]` layout of the loss
+stage: row i is rollout i, column t its t-th response token.
+
+Every data-parallel rank must run the same number of forwards (FSDP all-gathers are collectives),
+so the callers pad with a 1-token dummy row; `num_forwards` agrees on that number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from rlx.algorithms import logprobs_from_hidden
+from rlx.types import Rollout
+
+
+@dataclass
+class Pack:
+    """One packed row: rollouts `rows` (indices into the caller's list), concatenated."""
+
+    input_ids: torch.Tensor  # [1, S]
+    position_ids: torch.Tensor  # [1, S]
+    rows: list[int]
+    hidden_pos: torch.Tensor  # [N] positions whose hidden state predicts a response token
+    labels: torch.Tensor  # [N] the response tokens
+    out_row: torch.Tensor  # [N] index into `rows` order (0..len(rows)-1)
+    out_col: torch.Tensor  # [N] response position t
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def pack_rollouts(rollouts: Sequence[Rollout], token_budget: int) -> list[Pack]:
+    """Greedy in-order packing of prompt+response sequences into rows of <= token_budget tokens
+    (a longer sequence gets a row of its own). An empty list gives no packs."""
+    packs, current, size = [], [], 0
+    for i, r in enumerate(rollouts):
+        n = len(r.prompt_ids) + len(r.response_ids)
+        if current and size + n > token_budget:
+            packs.append(_make_pack(rollouts, current))
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        packs.append(_make_pack(rollouts, current))
+    return packs
+
+
+def _make_pack(rollouts: Sequence[Rollout], rows: list[int]) -> Pack:
+    ids, pos, hidden_pos, labels, out_row, out_col = [], [], [], [], [], []
+    for j, i in enumerate(rows):
+        r = rollouts[i]
+        start, P, L = len(ids), len(r.prompt_ids), len(r.response_ids)
+        ids += list(r.prompt_ids) + list(r.response_ids)
+        pos += range(P + L)
+        # The hidden state at position p predicts token p + 1: response token t (at start+P+t) is
+        # predicted from start+P+t-1. A prompt is never empty, so that index stays in the rollout.
+        hidden_pos += range(start + P - 1, start + P + L - 1)
+        labels += r.response_ids
+        out_row += [j] * L
+        out_col += range(L)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return Pack(as_long([ids]), as_long([pos]), rows, as_long(hidden_pos), as_long(labels), as_long(out_row),
+                as_long(out_col))  # fmt: skip
+
+
+def dummy_pack() -> Pack:
+    """A 1-token row with no response tokens: keeps a rank's forward count equal to its peers'."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return Pack(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), [], empty, empty, empty, empty)
+
+
+def num_forwards(local: int, group: dist.ProcessGroup | None) -> int:
+    """The max of `local` over the data-parallel group (every rank runs that many forwards)."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return local
+    t = torch.tensor([local], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t)
+
+
+def _full_weight(weight: torch.Tensor) -> torch.Tensor:
+    # Under TP the lm_head weight is a DTensor sharded on the vocabulary; full_tensor() is a
+    # differentiable all-gather, so the weight gradient flows back to each rank's shard.
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
+def pack_logprobs(
+    model: nn.Module, pack: Pack, device: torch.device, *, temperature: float, chunk_size: int, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logprobs (and entropy) of the pack's response tokens, flat `[N]` (differentiable)."""
+
+    def head(hidden: torch.Tensor, weight: torch.Tensor):
+        h = hidden[0].index_select(0, pack.hidden_pos.to(device))
+        return logprobs_from_hidden(h, _full_weight(weight), pack.labels.to(device), chunk_size=chunk_size,
+                                    temperature=temperature, return_entropy=with_entropy)  # fmt: skip
+
+    out = model(pack.input_ids.to(device), pack.position_ids.to(device), output_fn=head)
+    return out if with_entropy else (out, None)
+
+
+def scatter_rows(flat: torch.Tensor, pack: Pack, width: int) -> torch.Tensor:
+    """Flat `[N]` per-token values of a pack -> `[len(pack.rows), width]` (zeros elsewhere)."""
+    out = flat.new_zeros(len(pack.rows), width)
+    return out.index_put((pack.out_row.to(flat.device), pack.out_col.to(flat.device)), flat)
+
+
+@torch.no_grad()
+def compute_logprobs(
+    model: nn.Module,
+    rollouts: Sequence[Rollout],
+    *,
+    device: torch.device,
+    token_budget: int,
+    temperature: float,
+    chunk_size: int,
+    dp_group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """`[B, T]` logprobs of every rollout's response tokens under `model` (no grad), fp32 on CPU."""
+    width = max((len(r.response_ids) for r in rollouts), default=0)
+    out = torch.zeros(len(rollouts), width)
+    packs = pack_rollouts(rollouts, token_budget)
+    total = num_forwards(len(packs), dp_group)
+    for k in range(total):
+        pack = packs[k] if k < len(packs) else dummy_pack()
+        lp, _ = pack_logprobs(model, pack, device, temperature=temperature, chunk_size=chunk_size, with_entropy=False)
+        if pack.rows:
+            out[pack.rows] = scatter_rows(lp.float().cpu(), pack, width)
+    return out
+
+
+@torch.no_grad()
+def compute_token_stats(
+    model: nn.Module,
+    rollouts: Sequence[Rollout],
+    *,
+    device: torch.device,
+    token_budget: int,
+    temperature: float,
+    chunk_size: int,
+    dp_group: dist.ProcessGroup | None,
+) -> list[tuple[list[float], list[float]]]:
+    """Exact (max_prob, entropy) of every response token under `model`'s sampling distribution
+    (logits / temperature, full vocabulary), for the token-adaptive sampler."""
+    results: list[tuple[list[float], list[float]]] = [([], []) for _ in rollouts]
+    packs = pack_rollouts(rollouts, token_budget)
+    for k in range(num_forwards(len(packs), dp_group)):
+        pack = packs[k] if k < len(packs) else dummy_pack()
+
+        def head(hidden: torch.Tensor, weight: torch.Tensor, pack: Pack = pack):
+            h = hidden[0].index_select(0, pack.hidden_pos.to(device))
+            return _max_prob_entropy(h, _full_weight(weight), temperature, chunk_size)
+
+        max_prob, entropy = model(pack.input_ids.to(device), pack.position_ids.to(device), output_fn=head)
+        max_prob, entropy = max_prob.cpu(), entropy.cpu()
+        for j, i in enumerate(pack.rows):
+            sel = pack.out_row == j
+            results[i] = (max_prob[sel].tolist(), entropy[sel].tolist())
+    return results
+
+
+def _max_prob_entropy(h: torch.Tensor, w: torch.Tensor, temperature: float, chunk: int):
+    max_probs, entropies = [], []
+    for s in range(0, h.shape[0], chunk):
+        logits = (h[s : s + chunk] @ w.T).float() / temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        max_probs.append(logp.max(dim=-1).values.exp())
+        entropies.append(-(logp.exp() * logp).sum(dim=-1))
+    if not max_probs:
+        return h.new_zeros(0, dtype=torch.float32), h.new_zeros(0, dtype=torch.float32)
+    return torch.cat(max_probs), torch.cat(entropies)
+
+
+StatsFn = Callable[[Sequence[Rollout]], list[tuple[list[float], list[float]]]]

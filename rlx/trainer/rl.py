@@ -1,0 +1,207 @@
+"""The RL loop: `rlx train --config X.toml` (also `python -m rlx.train` under torchrun).
+
+One step (DESIGN.md section 2): sample rollouts (generate + reward) -> gather the global batch ->
+old/ref logprobs -> advantages -> rollout correction -> policy update -> weight sync -> log.
+Setup of the stages lives in `rl_setup.py`; the update in `rl_update.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+
+from rlx.algorithms import compute_advantages, rollout_correction
+from rlx.config import Config, parse_args
+from rlx.trainer.policy import compute_logprobs
+from rlx.trainer.rl_setup import Stages, build_stages, gather_rollouts
+from rlx.trainer.rl_update import GlobalBatch, balance_by_tokens, gather_rows, seq_lengths
+from rlx.types import RolloutBatch
+
+logger = logging.getLogger("rlx.train")
+
+
+class Timer:
+    """Named wall-clock spans of one step: `with timer("generate"): ...` -> `timing/generate`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[f"timing/{name}"] = self.seconds.get(f"timing/{name}", 0.0) + time.perf_counter() - start
+
+
+class RLTrainer:
+    """Owns the stages of a run (built by `build_stages`) and runs steps, validation, checkpoints."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.s: Stages = build_stages(cfg)
+        self.total_generated_tokens = float(self.s.resume_data.get("total_generated_tokens", 0.0))
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    def step(self, step: int) -> dict[str, float]:
+        s, cfg, timer = self.s, self.cfg, Timer()
+        start = time.perf_counter()
+
+        with timer("generate"):  # sampler: generation + reward (reward timed separately below)
+            local, metrics = s.sampler.sample(s.stream.take(s.sampler.num_prompts), s.sampler_ctx)
+        timer.seconds["timing/reward"] = s.reward.pop_seconds()
+        timer.seconds["timing/generate"] -= timer.seconds["timing/reward"]
+        s.engine.sleep()  # GPU: free the engine's memory for the update (no-op on CPU)
+
+        # Every rank holds the global batch; each DP rank trains on a token-balanced share.
+        rollouts = gather_rollouts(local.rollouts, s)
+        batch = RolloutBatch(rollouts).to_tensors(pad_id=s.pad_id)
+        shares = balance_by_tokens(seq_lengths(rollouts), s.dims.dp_size)
+        mine = [rollouts[i] for i in shares[s.dims.dp_rank]]
+
+        g = GlobalBatch(rollouts, batch["response_mask"], torch.zeros(0), batch["rollout_log_probs"])
+        with timer("old_logprob"):
+            if not cfg.rollout_correction.bypass_mode:  # bypass: rollout logprobs are the old ones
+                g.old_log_probs = self._logprobs(s.model, mine, shares, len(rollouts))
+            if cfg.loss.kl_coef > 0:
+                g.ref_log_probs = self._logprobs(s.ref_model, mine, shares, len(rollouts))
+
+        g.advantages, _ = compute_advantages(
+            cfg.algorithm.adv_estimator, batch["token_level_rewards"], g.response_mask, batch["group_ids"],
+            **s.adv_kwargs,
+        )  # fmt: skip
+        if g.old_log_probs is not None and s.rollout_correction_kwargs is not None and g.response_mask.any():
+            g.is_weights, g.response_mask, rc_metrics = rollout_correction(
+                g.old_log_probs, g.rollout_log_probs, g.response_mask, **s.rollout_correction_kwargs
+            )
+            metrics.update(rc_metrics)
+
+        with timer("train"):
+            metrics.update(s.updater.update(g))
+            s.scheduler.step()
+        with timer("weight_sync"):
+            s.engine.wake_up()
+            metrics.update(s.weight_sync.push(s.model, version=step))
+
+        metrics.update(self._batch_metrics(rollouts, g, s.generator_tokens.pop()))
+        metrics.update(s.reward.metrics())
+        metrics["generator/dropped_prompts"] = s.engine.metrics().get("generator/dropped_prompts", 0.0)
+        metrics.update(timer.seconds)
+        metrics["timing/step"] = time.perf_counter() - start
+        metrics["perf/tokens_per_s"] = metrics["perf/num_tokens"] / max(metrics["timing/step"], 1e-9)
+        return metrics
+
+    def _logprobs(self, model, mine, shares, total) -> torch.Tensor:
+        s = self.s
+        local = compute_logprobs(model, mine, device=s.device, token_budget=self.cfg.loss.micro_batch_tokens,
+                                 temperature=self.cfg.generator.temperature,
+                                 chunk_size=self.cfg.loss.logprob_chunk_size, dp_group=s.dp_group)  # fmt: skip
+        return gather_rows(local, shares, total, s.dp_group)
+
+    def _batch_metrics(self, rollouts, g: GlobalBatch, generated_tokens: float) -> dict[str, float]:
+        self.total_generated_tokens += generated_tokens
+        rewards = torch.tensor([r.reward for r in rollouts] or [0.0])
+        lengths = torch.tensor([float(len(r.response_ids)) for r in rollouts] or [0.0])
+        accs = [r.extras["acc"] for r in rollouts if "acc" in r.extras]
+        valid = g.response_mask.sum(-1) > 0
+        adv = g.advantages[:, 0][valid] if g.advantages.numel() else torch.zeros(1)
+        out = {
+            "reward/mean": rewards.mean().item(),
+            "reward/max": rewards.max().item(),
+            "reward/min": rewards.min().item(),
+            "response/length_mean": lengths.mean().item(),
+            "response/length_max": lengths.max().item(),
+            "response/clip_ratio": sum(r.finish_reason == "length" for r in rollouts) / max(len(rollouts), 1),
+            "critic/advantages_mean": adv.mean().item() if adv.numel() else 0.0,
+            "critic/advantages_abs_mean": adv.abs().mean().item() if adv.numel() else 0.0,
+            "perf/num_rollouts": float(len(rollouts)),
+            "perf/num_tokens": float(sum(seq_lengths(rollouts))),
+            "perf/generated_tokens": generated_tokens,
+            "perf/total_generated_tokens": self.total_generated_tokens,
+        }
+        if accs:
+            out["reward/acc"] = sum(accs) / len(accs)
+        return out
+
+    # ---- validation --------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        """Mean reward and accuracy on the held-out prompts (`generator.val_temperature`, `val_n`)."""
+        s = self.s
+        if s.val_prompts is None:
+            return {}
+        from rlx.data import batches, shard
+        from rlx.types import GenerationRequest, Rollout
+
+        layout = s.engine.layout
+        mine = shard(s.val_prompts.prompts, layout.dp_index, layout.dp_size)
+        num_batches = math.ceil(math.ceil(len(s.val_prompts) / layout.dp_size) / self.cfg.data.val_batch_size)
+        sums = torch.zeros(3, dtype=torch.float64)  # score, acc, count
+        chunks = list(batches(mine, self.cfg.data.val_batch_size))
+        for k in range(num_batches):  # every rank makes the same number of (possibly collective) calls
+            prompts = chunks[k] if k < len(chunks) else []
+            requests = [GenerationRequest(p.prompt_ids, n=self.cfg.generator.val_n) for p in prompts]
+            outputs = s.generator_tokens.generate(requests, validation=True)
+            rollouts = [Rollout(p.prompt_ids, c.token_ids, c.logprobs, p.uid, finish_reason=c.finish_reason, prompt=p)
+                        for p, outs in zip(prompts, outputs) for c in outs]  # fmt: skip
+            results = s.reward.score(rollouts) if rollouts else []
+            if layout.tp_group_rank == 0:  # one engine replica counts once
+                for res in results:
+                    sums += torch.tensor([res.score, res.extras.get("acc", float(res.score >= 1.0)), 1.0], dtype=torch.float64)
+        s.generator_tokens.pop()  # validation tokens are not training compute
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        score, acc, count = sums.tolist()
+        return {"val/reward": score / max(count, 1), "val/acc": acc / max(count, 1), "val/num_samples": count}
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        s, cfg = self.s, self.cfg
+        last = cfg.train.steps
+        final: dict[str, float] = {}
+        if s.start_step == 0 and cfg.train.val_before_train:
+            final = self.validate()
+            if final:
+                s.logger.log(final, step=0)
+        for step in range(s.start_step + 1, last + 1):
+            metrics = self.step(step)
+            if cfg.train.val_every and (step % cfg.train.val_every == 0 or step == last):
+                metrics.update(self.validate())
+            if step % cfg.train.log_every == 0 or step == last:
+                s.logger.log(metrics, step=step)
+            if s.checkpointer.should_save(step, last):
+                s.checkpointer.save(step, {"stream": s.stream.state_dict(),
+                                           "total_generated_tokens": self.total_generated_tokens})  # fmt: skip
+            final = metrics
+        return final
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def run(cfg: Config) -> dict[str, float]:
+    """Train with an already resolved config; returns the last step's metrics."""
+    trainer = RLTrainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, _ = parse_args(argv, prog="rlx train")
+    # Rank 0 reports progress; other ranks only warnings (RANK is set by torchrun before init).
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.captureWarnings(True)
+    run(cfg.resolved())
+    return 0

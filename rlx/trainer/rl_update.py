@@ -1,0 +1,218 @@
+"""The loss-stage side of an RL step: the global batch, its split over DP ranks, and the update.
+
+Every rank holds the whole step's rollouts (they are small: token ids and a few floats per token)
+and computes advantages and rollout correction on the full batch, identically, as verl's driver
+does. Each data-parallel rank then runs forward/backward on its token-balanced share; losses use
+global-batch normalizers so the gradients summed over micro-batches and ranks (FSDP sum reduction)
+are exactly those of the full-batch loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rlx.algorithms import agg_loss, bypass_policy_loss, entropy_loss, kl_penalty, policy_loss
+from rlx.trainer.policy import dummy_pack, num_forwards, pack_logprobs, pack_rollouts, scatter_rows, _full_weight
+from rlx.trainer.train_step import NonFiniteError, clip_grad_norm_
+from rlx.types import Rollout
+
+
+def balance_by_tokens(lengths: Sequence[int], num_parts: int) -> list[list[int]]:
+    """Split indices into `num_parts` lists with nearly equal token sums (longest first, each to
+    the lightest part). Deterministic, so every rank computes the same split; each part is
+    returned in ascending index order."""
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    loads = [0] * num_parts
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = min(range(num_parts), key=lambda k: (loads[k], len(parts[k]), k))
+        parts[k].append(i)
+        loads[k] += lengths[i]
+    return [sorted(p) for p in parts]
+
+
+def seq_lengths(rollouts: Sequence[Rollout]) -> list[int]:
+    return [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+
+
+def gather_rows(local: torch.Tensor, shares: list[list[int]], total: int, group) -> torch.Tensor:
+    """Reassemble per-rank `[len(share), T_local]` results into the full `[total, T]` tensor."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return local
+    pieces: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(pieces, local, group=group)
+    width = max(p.shape[1] for p in pieces)
+    out = torch.zeros(total, width)
+    for share, piece in zip(shares, pieces):
+        if share:
+            out[share, : piece.shape[1]] = piece
+    return out
+
+
+@dataclass
+class GlobalBatch:
+    """The step's full batch, identical on every rank. Tensors are `[B, T]`, fp32, CPU."""
+
+    rollouts: list[Rollout]
+    response_mask: torch.Tensor
+    advantages: torch.Tensor
+    rollout_log_probs: torch.Tensor
+    old_log_probs: torch.Tensor | None = None
+    ref_log_probs: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
+
+
+def _sum_over_ranks(totals: torch.Tensor, sums: dict[str, float], group) -> dict[str, float]:
+    """All-reduce `totals` in place and sum the metric dicts over the DP group (a rank that ran
+    only padding micro-batches has no keys, so dicts are gathered rather than reduced)."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return sums
+    dist.all_reduce(totals, group=group)
+    pieces: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(pieces, sums, group=group)
+    merged: dict[str, float] = {}
+    for piece in pieces:
+        for key, v in piece.items():
+            merged[key] = merged.get(key, 0.0) + v
+    return merged
+
+
+class PolicyUpdater:
+    """PPO epochs x mini-batches x micro-batches of the policy loss, with KL and entropy terms.
+
+    `loss_cfg` is the `[loss]` section; `rc_cfg` the `[rollout_correction]` section (bypass mode and
+    its options); `temperature` the sampling temperature (logprobs are of logits / temperature, the
+    distribution vLLM sampled from)."""
+
+    def __init__(self, model: nn.Module, optimizer, loss_cfg: Any, rc_cfg: Any, *, device: torch.device,
+                 dp_rank: int, dp_size: int, dp_group, temperature: float, grad_clip: float,
+                 loss_scale_factor: float, rng: torch.Generator):  # fmt: skip
+        self.model, self.optimizer, self.cfg, self.rc = model, optimizer, loss_cfg, rc_cfg
+        self.device, self.dp_rank, self.dp_size, self.dp_group = device, dp_rank, dp_size, dp_group
+        self.temperature, self.grad_clip, self.loss_scale_factor, self.rng = temperature, grad_clip, loss_scale_factor, rng
+
+    def mini_batches(self, batch: GlobalBatch) -> list[list[int]]:
+        """Row indices of each mini-batch: `mini_batch_size` whole groups each (0 = the whole batch),
+        groups in a fresh order per epoch drawn from the trainer's RNG."""
+        groups: dict[Any, list[int]] = {}
+        for i, r in enumerate(batch.rollouts):
+            groups.setdefault(r.group_id, []).append(i)
+        keys = list(groups)
+        size = self.cfg.mini_batch_size or len(keys)
+        if size >= len(keys):
+            return [list(range(len(batch.rollouts)))]
+        order = torch.randperm(len(keys), generator=self.rng).tolist()
+        chunks = [order[s : s + size] for s in range(0, len(order), size)]
+        return [sorted(i for k in chunk for i in groups[keys[k]]) for chunk in chunks]
+
+    def update(self, batch: GlobalBatch) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        num_updates = 0
+        for _ in range(self.cfg.ppo_epochs):
+            for rows in self.mini_batches(batch):
+                for k, v in self._mini_batch_step(batch, rows).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                num_updates += 1
+        out = {k: v / num_updates for k, v in sums.items()}
+        out["actor/num_updates"] = float(num_updates)
+        return out
+
+    def _mini_batch_step(self, batch: GlobalBatch, rows: list[int]) -> dict[str, float]:
+        mask = batch.response_mask[rows]
+        global_info = dict(
+            dp_size=1,  # gradients are summed over ranks (not averaged): no dp_size factor
+            batch_num_tokens=max(float(mask.sum()), 1.0),
+            global_batch_size=max(float((mask.sum(-1) > 0).sum()), 1.0),
+            loss_scale_factor=self.loss_scale_factor,
+        )
+        share = balance_by_tokens(seq_lengths([batch.rollouts[i] for i in rows]), self.dp_size)[self.dp_rank]
+        mine = [rows[j] for j in share]
+        packs = pack_rollouts([batch.rollouts[i] for i in mine], self.cfg.micro_batch_tokens)
+        # Loss terms add up over micro-batches and ranks; metrics of each micro-batch are
+        # weighted by its share of the mini-batch's tokens.
+        totals = torch.zeros(4, dtype=torch.float64)  # pg_loss, kl_loss, entropy, token weight
+        metric_sums: dict[str, float] = {}
+        for k in range(num_forwards(len(packs), self.dp_group)):
+            if k >= len(packs):
+                self._dummy_backward()
+                continue
+            pack = packs[k]
+            idx = [mine[j] for j in pack.rows]
+            terms, metrics = self._micro_batch_loss(batch, idx, pack, global_info)
+            weight = float(batch.response_mask[idx].sum()) / global_info["batch_num_tokens"]
+            totals += torch.tensor([*terms, weight], dtype=torch.float64)
+            for key, v in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + v * weight
+
+        metric_sums = _sum_over_ranks(totals, metric_sums, self.dp_group)
+        pg_loss, kl_loss, ent, weight = totals.tolist()
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.grad_clip).item()
+        for name, value in (("actor/pg_loss", pg_loss), ("actor/kl_loss", kl_loss), ("actor/grad_norm", grad_norm)):
+            if not math.isfinite(value):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteError(f"{name} is {value}: stopping before the optimizer step and before any checkpoint")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {"actor/pg_loss": pg_loss, "actor/grad_norm": grad_norm, "actor/lr": self.optimizer.param_groups[0]["lr"]}
+        if self.cfg.kl_coef > 0:
+            out["actor/kl_loss"] = kl_loss
+        if self.cfg.entropy_coef > 0:
+            out["actor/entropy"] = ent
+        out.update({key: v / max(weight, 1e-12) for key, v in metric_sums.items()})
+        return out
+
+    def _micro_batch_loss(self, batch: GlobalBatch, idx: list[int], pack, global_info: dict):
+        """Forward + backward of one packed micro-batch; returns its (pg, kl, entropy) loss terms."""
+        cfg = self.cfg
+        need_entropy = cfg.entropy_coef > 0
+        lp_flat, ent_flat = pack_logprobs(self.model, pack, self.device, temperature=self.temperature,
+                                          chunk_size=cfg.logprob_chunk_size, with_entropy=need_entropy)  # fmt: skip
+        width = batch.response_mask.shape[1]
+        log_prob = scatter_rows(lp_flat, pack, width)
+        take = lambda t: t[idx].to(self.device)  # noqa: E731
+        mask, adv, rollout_lp = take(batch.response_mask), take(batch.advantages), take(batch.rollout_log_probs)
+        if self.rc.bypass_mode:
+            rc = self.rc
+            loss, metrics = bypass_policy_loss(
+                rollout_lp, log_prob, adv, mask, loss_type=rc.loss_type, loss_agg_mode=cfg.agg_mode,
+                rollout_is=rc.rollout_is, rollout_is_threshold=rc.rollout_is_threshold,
+                rollout_is_batch_normalize=rc.rollout_is_batch_normalize, rollout_rs=rc.rollout_rs,
+                rollout_rs_threshold=rc.rollout_rs_threshold, rollout_rs_threshold_lower=rc.rollout_rs_threshold_lower,
+                rollout_token_veto_threshold=rc.rollout_token_veto_threshold,
+                rollout_is_threshold_lower=rc.rollout_is_threshold_lower, rollout_is_mode=rc.rollout_is_mode,
+                clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, clip_ratio_c=cfg.clip_ratio_c,
+                **global_info,
+            )  # fmt: skip
+        else:
+            is_w = None if batch.is_weights is None else take(batch.is_weights)
+            loss, metrics = policy_loss(
+                take(batch.old_log_probs), log_prob, adv, mask, loss_type=cfg.type, loss_agg_mode=cfg.agg_mode,
+                clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, clip_ratio_c=cfg.clip_ratio_c,
+                rollout_is_weights=is_w, **global_info,
+            )  # fmt: skip
+        pg_loss = loss.detach().item()
+        kl_value = ent_value = 0.0
+        if cfg.kl_coef > 0:
+            kl = kl_penalty(log_prob, take(batch.ref_log_probs), cfg.kl_estimator)
+            kl_loss = agg_loss(kl, mask, cfg.agg_mode, **global_info)
+            loss = loss + cfg.kl_coef * kl_loss
+            kl_value = kl_loss.detach().item()
+        if need_entropy:
+            ent_loss = entropy_loss(scatter_rows(ent_flat, pack, width), mask, cfg.agg_mode, **global_info)
+            loss = loss - cfg.entropy_coef * ent_loss
+            ent_value = ent_loss.detach().item()
+        loss.backward()
+        return (pg_loss, kl_value, ent_value), metrics
+
+    def _dummy_backward(self) -> None:
+        """A zero loss through every parameter: FSDP's collectives need every rank's backward."""
+        pack = dummy_pack()
+        zero = self.model(pack.input_ids.to(self.device), pack.position_ids.to(self.device),
+                          output_fn=lambda h, w: (h.sum() + _full_weight(w).sum()) * 0.0)  # fmt: skip
+        zero.backward()
