@@ -1,7 +1,7 @@
 """Policy forward passes over rollouts: packing, per-token logprobs/entropy, exact token stats.
 
-Rollouts (prompt + response) are packed several per row up to a token budget (position_ids restart
-at 0 per rollout, so packed rollouts never attend to each other), run through the model, and the
+Rollouts (prompt + response) are grouped into right-padded micro-batches up to a token budget, run
+through the model, and the
 response tokens' logprobs are computed from hidden states chunk by chunk (`logprobs_from_hidden`),
 never as a full [T, V] logits tensor. Results come back in the flat `[B, T]` layout of the loss
 stage: row i is rollout i, column t its t-th response token.
@@ -26,53 +26,61 @@ from rlx.types import Rollout
 
 @dataclass
 class Pack:
-    """One packed row: rollouts `rows` (indices into the caller's list), concatenated."""
+    """One micro-batch: rollouts `rows` (indices into the caller's list), one per row, right-padded.
 
-    input_ids: torch.Tensor  # [1, S]
-    position_ids: torch.Tensor  # [1, S]
+    Each rollout gets its own row (causal attention, positions 0..L-1) rather than being packed
+    into one long row with a block-diagonal mask: with SDPA the padded layout takes the mask-free
+    causal kernel, which is much cheaper for the short sequences of RL than a dense [S, S] mask."""
+
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L]
     rows: list[int]
-    hidden_pos: torch.Tensor  # [N] positions whose hidden state predicts a response token
+    hidden_pos: torch.Tensor  # [N] flat index into [R * L] of the hidden state predicting a response token
     labels: torch.Tensor  # [N] the response tokens
     out_row: torch.Tensor  # [N] index into `rows` order (0..len(rows)-1)
     out_col: torch.Tensor  # [N] response position t
 
     @property
     def num_tokens(self) -> int:
-        return self.input_ids.shape[1]
+        return self.input_ids.numel()
 
 
 def pack_rollouts(rollouts: Sequence[Rollout], token_budget: int) -> list[Pack]:
-    """Greedy in-order packing of prompt+response sequences into rows of <= token_budget tokens
-    (a longer sequence gets a row of its own). An empty list gives no packs."""
-    packs, current, size = [], [], 0
-    for i, r in enumerate(rollouts):
-        n = len(r.prompt_ids) + len(r.response_ids)
-        if current and size + n > token_budget:
+    """Micro-batches of whole rollouts with at most `token_budget` padded tokens each (a longer
+    rollout gets a micro-batch of its own). Rollouts are taken in length order so that rows of
+    one micro-batch have similar lengths (little padding). An empty list gives no packs."""
+    lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+    packs, current, longest = [], [], 0
+    for i in sorted(range(len(rollouts)), key=lambda i: (lengths[i], i)):
+        width = max(longest, lengths[i])
+        if current and width * (len(current) + 1) > token_budget:
             packs.append(_make_pack(rollouts, current))
-            current, size = [], 0
+            current, width = [], lengths[i]
         current.append(i)
-        size += n
+        longest = width
     if current:
         packs.append(_make_pack(rollouts, current))
     return packs
 
 
 def _make_pack(rollouts: Sequence[Rollout], rows: list[int]) -> Pack:
-    ids, pos, hidden_pos, labels, out_row, out_col = [], [], [], [], [], []
+    width = max(len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids) for i in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    hidden_pos, labels, out_row, out_col = [], [], [], []
     for j, i in enumerate(rows):
         r = rollouts[i]
-        start, P, L = len(ids), len(r.prompt_ids), len(r.response_ids)
-        ids += list(r.prompt_ids) + list(r.response_ids)
-        pos += range(P + L)
-        # The hidden state at position p predicts token p + 1: response token t (at start+P+t) is
-        # predicted from start+P+t-1. A prompt is never empty, so that index stays in the rollout.
-        hidden_pos += range(start + P - 1, start + P + L - 1)
+        P, L = len(r.prompt_ids), len(r.response_ids)
+        ids[j, : P + L] = torch.tensor(list(r.prompt_ids) + list(r.response_ids), dtype=torch.long)
+        # The hidden state at position p predicts token p + 1: response token t (at P + t) is
+        # predicted from P + t - 1. A prompt is never empty, so that index stays in the row.
+        hidden_pos += range(j * width + P - 1, j * width + P + L - 1)
         labels += r.response_ids
         out_row += [j] * L
         out_col += range(L)
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return Pack(as_long([ids]), as_long([pos]), rows, as_long(hidden_pos), as_long(labels), as_long(out_row),
-                as_long(out_col))  # fmt: skip
+    # Padding sits after each sequence, so causal attention never lets real tokens see it.
+    position_ids = torch.arange(width).expand(len(rows), width).contiguous()
+    return Pack(ids, position_ids, rows, as_long(hidden_pos), as_long(labels), as_long(out_row), as_long(out_col))
 
 
 def dummy_pack() -> Pack:
@@ -102,7 +110,7 @@ def pack_logprobs(
     """Logprobs (and entropy) of the pack's response tokens, flat `[N]` (differentiable)."""
 
     def head(hidden: torch.Tensor, weight: torch.Tensor):
-        h = hidden[0].index_select(0, pack.hidden_pos.to(device))
+        h = hidden.flatten(0, 1).index_select(0, pack.hidden_pos.to(device))
         return logprobs_from_hidden(h, _full_weight(weight), pack.labels.to(device), chunk_size=chunk_size,
                                     temperature=temperature, return_entropy=with_entropy)  # fmt: skip
 
@@ -159,7 +167,7 @@ def compute_token_stats(
         pack = packs[k] if k < len(packs) else dummy_pack()
 
         def head(hidden: torch.Tensor, weight: torch.Tensor, pack: Pack = pack):
-            h = hidden[0].index_select(0, pack.hidden_pos.to(device))
+            h = hidden.flatten(0, 1).index_select(0, pack.hidden_pos.to(device))
             return _max_prob_entropy(h, _full_weight(weight), temperature, chunk_size)
 
         max_prob, entropy = model(pack.input_ids.to(device), pack.position_ids.to(device), output_fn=head)
