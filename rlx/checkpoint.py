@@ -1,0 +1,395 @@
+"""Distributed checkpoints (DCP): save / resume / reshard the trainer's state, and `rlx export`
+(checkpoint -> HF safetensors directory).
+
+Layout of one checkpoint, <dir>/step-N/:
+    .metadata, *.distcp     model and optimizer, sharded as trained (DCP reshards on load)
+    trainer_state.json      step, the caller's data position, LR scheduler, world size
+    rng/rank-R.pt           trainer generator + torch RNG states of rank R
+    hf/                     config.json + tokenizer files of the model (what `rlx export` needs)
+    COMPLETE                written last: a checkpoint counts only once it has this
+A save writes step-N.tmp/ and renames it to step-N/ after every rank finished and COMPLETE is in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from rlx import distributed
+from rlx.errors import UserError
+
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+HF_SUBDIR = "hf"
+# Files of an HF model directory that describe it without weights (copied into every checkpoint).
+HF_META_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja",
+)  # fmt: skip
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+_MAX_NAMES = 10
+# Optimizer state keyed by parameter name (not by param-group index), so a checkpoint loads into an
+# optimizer whose groups differ (build_optimizer groups parameters by mesh, which depends on TP).
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+@dataclass
+class TrainState:
+    """What a resumed run continues from."""
+
+    step: int
+    """Optimizer steps done when the checkpoint was saved."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """The caller's data position, as given to save()."""
+    path: Path | None = None
+
+
+# One process without a process group (tests, `rlx export`) is an intended DCP mode, not a mistake.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _no_dist() -> bool:
+    """DCP without collectives when there is no process group (one process, e.g. tests)."""
+    return not dist.is_initialized()
+
+
+# ---- finding checkpoints -----------------------------------------------------------------------
+
+
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"step-{step}"
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def list_checkpoints(root: str | os.PathLike, *, warn: bool = True) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root`, oldest first. Incomplete ones (a save that was
+    interrupted: step-N.tmp, or step-N without COMPLETE) are skipped with a warning."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in sorted(root.iterdir()):
+        match, tmp = _STEP_DIR.match(entry.name), _TMP_DIR.match(entry.name)
+        if match and is_complete(entry):
+            found.append((int(match.group(1)), entry))
+        elif (match or tmp) and warn:
+            warnings.warn(f"skipping incomplete checkpoint {entry} (no {COMPLETE} marker: its save was interrupted)",
+                          stacklevel=2)  # fmt: skip
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint given either as one step-N directory or as the directory that holds them."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    if _STEP_DIR.match(path.name) or _TMP_DIR.match(path.name):
+        raise UserError(f"checkpoint {path} is incomplete (no {COMPLETE} marker: its save was interrupted)")
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise UserError(f"no complete checkpoint (step-N/ with a {COMPLETE} marker) in {path}")
+    return latest
+
+
+# ---- model / optimizer state -------------------------------------------------------------------
+
+
+def _model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {f"model.{k}": tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+
+
+def check_model_matches(path: str | os.PathLike, model: nn.Module) -> None:
+    """Raise a UserError naming the tensors whose names or shapes differ between `model` and the
+    checkpoint at `path` (a checkpoint of a different model)."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {k: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
+    expected = _model_shapes(model)
+    missing = [k[6:] for k in expected if k not in saved]
+    extra = [k[6:] for k in saved if k not in expected]
+    wrong = [f"{k[6:]} {list(saved[k])} (model has {list(v)})" for k, v in expected.items()
+             if k in saved and saved[k] != v]  # fmt: skip
+    problems = []
+    for label, items in (("missing from the checkpoint", missing), ("not in the model", extra),
+                         ("with another shape", wrong)):  # fmt: skip
+        if items:
+            more = f", ... ({len(items) - _MAX_NAMES} more)" if len(items) > _MAX_NAMES else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:_MAX_NAMES])}{more}")
+    if problems:
+        raise UserError(f"checkpoint {path} is from a different model: " + "; ".join(problems))
+
+
+def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
+    """Weights only, into a (possibly sharded) model: from an HF directory (config.json +
+    safetensors) or from a DCP checkpoint (a step-N directory or a directory of them)."""
+    from rlx.parallel import load_hf_weights_sharded
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        load_hf_weights_sharded(model, path)
+        return
+    path = resolve_checkpoint(path)
+    check_model_matches(path, model)
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist())
+    set_model_state_dict(model, state["model"])
+
+
+# ---- the checkpointer --------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores the trainer: model, optimizer, LR scheduler, RNGs, step, data position.
+
+    `cfg` is a `CheckpointConfig`-like object (enable, interval, keep_last, async_save, dir,
+    resume). `hf_dir` is the model's HF directory; its config and tokenizer files are copied into
+    every checkpoint so that `rlx export` needs nothing else. Collective: every rank calls every
+    method in the same order."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        generator: torch.Generator | None = None,
+        hf_dir: str | os.PathLike | None = None,
+        run_dir: str | os.PathLike | None = None,
+    ):
+        if not cfg.dir and run_dir is None:
+            raise ValueError("Checkpointer needs cfg.dir or run_dir")
+        self.cfg = cfg
+        self.dir = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
+        self.model, self.optimizer, self.scheduler, self.generator = model, optimizer, scheduler, generator
+        self.hf_dir = Path(hf_dir) if hf_dir else None
+        self._pending: tuple[Future, Path, Path] | None = None
+        # Async saves coordinate in a background thread: give them their own gloo group so they
+        # never interleave with the training step's collectives.
+        self._async_group = dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized() else None
+
+    def should_save(self, step: int, last_step: int) -> bool:
+        return bool(self.cfg.enable) and (step % self.cfg.interval == 0 or step == last_step)
+
+    # ---- save ----
+
+    def save(self, step: int, data_state: dict[str, Any] | None = None) -> Path:
+        """Save the state after `step` optimizer steps as <dir>/step-<step>. `data_state` must be
+        JSON-serializable. With async_save the tensors are staged now and written in the
+        background; the checkpoint becomes complete at the next save() or close()."""
+        self.wait()
+        final, tmp = step_dir(self.dir, step), self.dir / f"step-{step}.tmp"
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        state = {"model": get_model_state_dict(self.model)}
+        if self.optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
+        self._save_small_files(tmp, step, data_state or {})
+        if self.cfg.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group, no_dist=_no_dist())
+            self._pending = (future, tmp, final)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
+            self._finalize(tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish a pending async save (collective)."""
+        if self._pending is not None:
+            future, tmp, final = self._pending
+            self._pending = None
+            future.result()
+            self._finalize(tmp, final)
+
+    def close(self) -> None:
+        self.wait()
+
+    def _save_small_files(self, tmp: Path, step: int, data_state: dict[str, Any]) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if self.generator is not None:
+            rng["generator"] = self.generator.get_state()
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng, tmp / "rng" / f"rank-{distributed.rank():05d}.pt")
+        if not distributed.is_main():
+            return
+        sched = self.scheduler.state_dict() if self.scheduler is not None else None
+        trainer_state = {"step": step, "data": data_state, "scheduler": sched, "world_size": distributed.world_size()}
+        try:
+            text = json.dumps(trainer_state, indent=2)
+        except TypeError as e:
+            raise TypeError(f"checkpoint data_state must be JSON-serializable: {e}") from e
+        (tmp / STATE_FILE).write_text(text + "\n")
+        if self.hf_dir is not None:
+            (tmp / HF_SUBDIR).mkdir(exist_ok=True)
+            for name in HF_META_FILES:
+                if (self.hf_dir / name).is_file():
+                    shutil.copy2(self.hf_dir / name, tmp / HF_SUBDIR / name)
+
+    def _finalize(self, tmp: Path, final: Path) -> None:
+        distributed.barrier()  # every rank's shards and RNG file are written
+        if distributed.is_main():
+            (tmp / COMPLETE).write_text("")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._prune(int(_STEP_DIR.match(final.name).group(1)))
+        distributed.barrier()
+
+    def _prune(self, newest: int) -> None:
+        """Keep the newest keep_last complete checkpoints; drop stale partial saves older than newest."""
+        for entry in self.dir.iterdir():
+            match = _TMP_DIR.match(entry.name)
+            if match and int(match.group(1)) < newest:
+                shutil.rmtree(entry, ignore_errors=True)
+        if self.cfg.keep_last > 0:
+            for _, path in list_checkpoints(self.dir, warn=False)[: -self.cfg.keep_last]:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ---- load ----
+
+    def maybe_resume(self) -> TrainState | None:
+        """Resume per cfg.resume: "auto" (the latest complete checkpoint in dir, if any), "none",
+        or a checkpoint path. Returns None when starting fresh."""
+        resume = self.cfg.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            path = latest_checkpoint(self.dir)
+            if path is None:
+                return None
+        else:
+            path = resolve_checkpoint(resume)
+        return self.load(path)
+
+    def load(self, path: str | os.PathLike) -> TrainState:
+        """Restore everything from checkpoint `path`, at any world size or mesh (DCP reshards)."""
+        path = resolve_checkpoint(path)
+        check_model_matches(path, self.model)
+        state = {"model": get_model_state_dict(self.model)}
+        if self.optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
+        dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist())
+        set_model_state_dict(self.model, state["model"])
+        if self.optimizer is not None:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optim"], options=_OPTIM_OPTIONS)
+        trainer_state = json.loads((path / STATE_FILE).read_text())
+        if self.scheduler is not None and trainer_state.get("scheduler"):
+            # base_lrs/_last_lr are per param group, and the grouping may differ at another mesh;
+            # the optimizer state already restored each group's current lr.
+            sched = {k: v for k, v in trainer_state["scheduler"].items() if k not in ("base_lrs", "_last_lr")}
+            self.scheduler.load_state_dict(sched)
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self._load_rng(path)
+        return TrainState(step=trainer_state["step"], data=trainer_state.get("data", {}), path=path)
+
+    def _load_rng(self, path: Path) -> None:
+        # At another world size a rank may have no file of its own; rank 0's is the fallback
+        # (the trainer generator is seeded identically on every rank).
+        own = path / "rng" / f"rank-{distributed.rank():05d}.pt"
+        rng = torch.load(own if own.is_file() else path / "rng" / "rank-00000.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if self.generator is not None and "generator" in rng:
+            self.generator.set_state(rng["generator"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _copy_hf_meta(src: Path, out: Path) -> None:
+    """Tokenizer and generation files of an HF directory (config.json is written from ModelArgs)."""
+    for name in HF_META_FILES:
+        if name != "config.json" and (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+
+
+def save_hf_from_sharded(
+    model: nn.Module, out: str | os.PathLike, hf_src: str | os.PathLike | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Write a live (possibly sharded) model as an HF directory: rank 0 gathers full weights on
+    CPU and writes config.json + safetensors, plus the tokenizer files of `hf_src`. Collective."""
+    from rlx.models import save_hf_state_dict
+    from rlx.models.hf_io import TIED_HEAD
+
+    out = Path(out)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if distributed.is_main():
+        if model.args.tie_word_embeddings:
+            state.pop(TIED_HEAD, None)  # HF stores the tied matrix once
+        save_hf_state_dict(state, model.args, out, dtype)
+        if hf_src is not None:
+            _copy_hf_meta(Path(hf_src), out)
+    distributed.barrier()
+    return out
+
+
+# ---- rlx export --------------------------------------------------------------------------------
+
+
+def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write the model of DCP checkpoint `ckpt` as an HF directory (config.json, safetensors,
+    tokenizer files) to `out`. Single process; the full model is materialized on CPU."""
+    from rlx.models import ModelArgs, build_model, read_hf_config, save_pretrained
+
+    path = resolve_checkpoint(ckpt)
+    hf = path / HF_SUBDIR
+    if not (hf / "config.json").is_file():
+        raise UserError(f"checkpoint {path} has no {HF_SUBDIR}/config.json: it was saved without the model's HF "
+                        "directory (Checkpointer(hf_dir=...))")  # fmt: skip
+    model = build_model(ModelArgs.from_hf_config(read_hf_config(hf)), device="meta")
+    model.to_empty(device="cpu")
+    check_model_matches(path, model)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict(state["model"])
+    out = save_pretrained(model, out, dtype=dtype)
+    _copy_hf_meta(hf, out)
+    return out
+
+
+def export_main(argv: list[str]) -> int:
+    """`rlx export CKPT OUT [--dtype D]`."""
+    p = argparse.ArgumentParser(prog="rlx export",
+                                description="Write an HF directory (safetensors) from a DCP checkpoint.")  # fmt: skip
+    p.add_argument("ckpt", help="a checkpoint step-N directory, or a directory of them (the latest complete one)")
+    p.add_argument("out", help="output HF directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="saved dtype (default: as trained)")
+    try:
+        a = p.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    out = export_checkpoint(a.ckpt, a.out, getattr(torch, a.dtype) if a.dtype else None)
+    print(f"rlx export: wrote {out}")
+    return 0

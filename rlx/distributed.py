@@ -1,0 +1,78 @@
+"""Process-group setup and teardown for the trainer, from torchrun's environment.
+
+gloo on CPU, nccl on CUDA. A plain `python` run (no torchrun) becomes a world of one, so every
+code path (DeviceMesh, DCP) sees an initialized process group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from rlx.errors import UserError
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """'auto' -> nccl when CUDA is available, else gloo. nccl without CUDA is a user error."""
+    if backend not in BACKENDS:
+        raise UserError(f"parallel.backend '{backend}' is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise UserError("parallel.backend = 'nccl' needs CUDA; use 'gloo' (or 'auto') on CPU")
+    return backend
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> torch.device:
+    """Initialize the default process group (idempotent) and return this rank's device.
+
+    Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as set by torchrun. Without
+    them this process is rank 0 of a world of 1 on a free local port."""
+    backend = resolve_backend(backend)
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return device
+
+
+def teardown_distributed() -> None:
+    """Destroy the default process group if one exists (call once, at exit)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on global rank 0 (the rank that prints and writes run-level files)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
