@@ -32,53 +32,65 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class MicroBatch:
-    """One packed row of documents, ready for the model.
+    """Documents one per row, right-padded to the longest: input_ids, position_ids (0..L-1 per
+    row) and labels ([R, L], the next token where it is trained on, else IGNORE_INDEX).
 
-    input_ids, position_ids (restart at 0 per document), labels ([1, T], the next token where it
-    is trained on, else IGNORE_INDEX)."""
+    One document per row (rather than several packed into a row with a block-diagonal mask) lets
+    SDPA use its mask-free causal kernel; padding sits after each document, so causal attention
+    never lets a real token see it."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor
+    num_real_tokens: int = -1
+    """Tokens that are not padding (-1: all of them)."""
 
     @property
     def num_tokens(self) -> int:
-        return self.input_ids.numel()
+        return self.num_real_tokens if self.num_real_tokens >= 0 else self.input_ids.numel()
 
     @property
     def num_loss_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device) -> MicroBatch:
-        tensors = (self.input_ids, self.position_ids, self.labels)
-        return MicroBatch(*(t.to(device, non_blocking=True) for t in tensors))
+        moved = (t.to(device, non_blocking=True) for t in (self.input_ids, self.position_ids, self.labels))
+        return MicroBatch(*moved, num_real_tokens=self.num_real_tokens)
 
 
 def pack_micro_batches(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], token_budget: int) -> list[MicroBatch]:
-    """Pack (token_ids, loss_mask) documents, in order, into rows of at most `token_budget` tokens.
+    """Group (token_ids, loss_mask) documents into micro-batches of at most `token_budget` padded
+    tokens (rows x longest row); a document longer than the budget gets a micro-batch of its own.
 
     loss_mask[i] = 1 means token i is a training target (predicted from tokens < i of its own
-    document); a document longer than the budget gets a row of its own."""
-    rows: list[list[tuple[Sequence[int], Sequence[int]]]] = [[]]
-    used = 0
+    document). Documents are taken in length order so rows of a micro-batch have similar lengths."""
     for ids, mask in sequences:
         assert len(ids) == len(mask) and len(ids) > 0, "each document needs ids and a same-length loss mask"
-        if rows[-1] and used + len(ids) > token_budget:
-            rows.append([])
-            used = 0
-        rows[-1].append((ids, mask))
-        used += len(ids)
-    return [_pack_row(row) for row in rows if row]
+    order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i][0]), i))
+    groups: list[list[int]] = []
+    width = 0
+    for i in order:
+        n = len(sequences[i][0])
+        if groups and max(width, n) * (len(groups[-1]) + 1) <= token_budget:
+            groups[-1].append(i)
+            width = max(width, n)
+        else:
+            groups.append([i])
+            width = n
+    return [_pad_rows([sequences[i] for i in group]) for group in groups]
 
 
-def _pack_row(docs: list[tuple[Sequence[int], Sequence[int]]]) -> MicroBatch:
-    input_ids, position_ids, labels = [], [], []
-    for ids, mask in docs:
-        input_ids += list(ids)
-        position_ids += range(len(ids))
+def _pad_rows(docs: list[tuple[Sequence[int], Sequence[int]]]) -> MicroBatch:
+    width = max(len(ids) for ids, _ in docs)
+    input_ids = torch.zeros(len(docs), width, dtype=torch.long)
+    labels = torch.full((len(docs), width), IGNORE_INDEX, dtype=torch.long)
+    for r, (ids, mask) in enumerate(docs):
+        input_ids[r, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
         # Position i predicts token i+1 of the same document; the last position predicts nothing.
-        labels += [tok if keep else IGNORE_INDEX for tok, keep in zip(ids[1:], mask[1:])] + [IGNORE_INDEX]
-    return MicroBatch(*(torch.tensor([x], dtype=torch.long) for x in (input_ids, position_ids, labels)))
+        target = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids[1:], mask[1:])]
+        labels[r, : len(target)] = torch.tensor(target, dtype=torch.long)
+    position_ids = torch.arange(width).expand(len(docs), width).contiguous()
+    return MicroBatch(input_ids, position_ids, labels, num_real_tokens=sum(len(ids) for ids, _ in docs))
 
 
 def _padding_micro_batch() -> MicroBatch:
@@ -93,7 +105,7 @@ LossFn = Callable[[nn.Module, MicroBatch], tuple[torch.Tensor, dict[str, float]]
 
 def token_ce_loss(model: nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token cross-entropy summed over target tokens (the step normalizes it)."""
-    logits = model(mb.input_ids, mb.position_ids)  # [1, T, V]
+    logits = model(mb.input_ids, mb.position_ids)  # [R, L, V]
     loss_sum = F.cross_entropy(
         logits.flatten(0, 1).float(), mb.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )

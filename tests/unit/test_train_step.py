@@ -41,13 +41,16 @@ def docs(n: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
 
 def test_pack_micro_batches_respects_budget_and_documents():
     batch = [([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1]), ([6, 7, 8, 9, 10, 11], [0, 0, 0, 1, 1, 1])]
-    mbs = pack_micro_batches(batch, token_budget=5)
-    assert [mb.input_ids.tolist() for mb in mbs] == [[[1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]  # long doc alone
-    assert mbs[0].position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    mbs = pack_micro_batches(batch, token_budget=6)
+    # one document per row, shortest first, rows right-padded; a micro-batch holds rows x width <= budget
+    assert [mb.input_ids.tolist() for mb in mbs] == [[[4, 5, 0], [1, 2, 3]], [[6, 7, 8, 9, 10, 11]]]
+    assert mbs[0].position_ids.tolist() == [[0, 1, 2], [0, 1, 2]]
     # position i predicts token i+1 of the same document, only where that token is a target
-    assert mbs[0].labels.tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]]
+    assert mbs[0].labels.tolist() == [[5, IGNORE_INDEX, IGNORE_INDEX], [2, 3, IGNORE_INDEX]]
     assert mbs[1].labels.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 9, 10, 11, IGNORE_INDEX]]
     assert [mb.num_loss_tokens for mb in mbs] == [3, 3]
+    assert [mb.num_tokens for mb in mbs] == [5, 6]  # padding is not counted
+    assert len(pack_micro_batches(batch, token_budget=5)) == 3  # the long document alone, over budget
 
 
 def test_micro_batching_gives_the_gradient_of_the_global_token_mean():
@@ -68,7 +71,7 @@ def test_micro_batching_gives_the_gradient_of_the_global_token_mean():
 
 def _ce_sum(model, mb):
     logits = model(mb.input_ids, mb.position_ids)
-    return torch.nn.functional.cross_entropy(logits[0].float(), mb.labels[0], reduction="sum"), {}
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), mb.labels.flatten(), reduction="sum"), {}
 
 
 def test_eval_loss_is_the_token_mean():
