@@ -9,7 +9,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING := 0
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench docs clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,9 @@ test-fast: setup
 
 bench: setup
 	for b in benchmarks/*.py; do echo "== $$b"; $(PYBIN) $$b || exit 1; done
+
+docs: setup
+	$(PYBIN) tests/unit/test_docs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
