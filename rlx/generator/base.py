@@ -71,12 +71,19 @@ class GeneratorLayout:
 
 
 def split_by_prompt_length(
-    requests: Sequence[GenerationRequest], max_prompt_length: int
+    requests: Sequence[GenerationRequest], max_prompt_length: int, max_model_len: int | None = None
 ) -> tuple[list[int], list[int]]:
-    """Indices of requests to keep and to drop (empty prompt, or longer than the limit)."""
+    """Indices of requests to keep and to drop (empty prompt, or longer than the limit).
+
+    A request that sets its own `max_tokens` (a continuation of a truncated rollout: prompt +
+    kept prefix) may exceed `max_prompt_length` as long as it fits the engine's context with
+    its max_tokens, `max_model_len`."""
     keep, drop = [], []
     for i, r in enumerate(requests):
-        ok = 0 < len(r.prompt_ids) <= max_prompt_length
+        n = len(r.prompt_ids)
+        ok = 0 < n <= max_prompt_length
+        if not ok and max_model_len is not None and r.max_tokens is not None:
+            ok = 0 < n and n + max(r.max_tokens, 1) <= max_model_len
         (keep if ok else drop).append(i)
     return keep, drop
 

@@ -146,7 +146,7 @@ class VLLMGenerator:
         """
         if self.is_sleeping:
             raise RuntimeError("the generator is asleep: call wake_up() before generate()")
-        keep, drop = split_by_prompt_length(requests, self.max_prompt_length)
+        keep, drop = split_by_prompt_length(requests, self.max_prompt_length, self.max_model_len)
         if drop:
             logger.warning(
                 "generator: dropped %d of %d prompts (empty or longer than max_prompt_length=%d)",

@@ -66,6 +66,14 @@ class AdaptiveSampler(Sampler):
         batch = RolloutBatch([r for g in groups for r in g])
         return batch, {**common_metrics(batch), **self._metrics(groups, iterations)}
 
+    def global_metrics(self, rollouts, local: dict[str, float]) -> dict[str, float]:
+        # Every count is a function of the groups; `iterations` is the same on every rank.
+        groups: dict = {}
+        for r in rollouts:
+            groups.setdefault(r.group_id, []).append(r)
+        iterations = int(local.get("adaptive_rollout/iterations", 0))
+        return {**super().global_metrics(rollouts, local), **self._metrics(list(groups.values()), iterations)}
+
     def _metrics(self, groups: list[list[Rollout]], iterations: int) -> dict[str, float]:
         sizes = [len(g) for g in groups]
         total = sum(sizes)

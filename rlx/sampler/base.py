@@ -97,6 +97,12 @@ class Sampler(abc.ABC):
         extras set, and a flat metrics dict (this rank's values unless a docstring says global).
         """
 
+    def global_metrics(self, rollouts: Sequence[Rollout], local: dict[str, float]) -> dict[str, float]:
+        """The step's metrics over ALL data-parallel ranks, from `rollouts` (every rank's batch,
+        gathered by the trainer) and this rank's `local` metrics. The default recomputes the
+        common counts; samplers whose metrics describe the batch recompute those too."""
+        return {**local, **common_metrics(RolloutBatch(list(rollouts)))}
+
 
 # ---------------------------------------------------------------- helpers shared by samplers
 

@@ -221,6 +221,21 @@ class TokenAdaptiveSampler(Sampler):
             for piece in chain.pieces:
                 piece.reward, piece.extras = outcome.reward, dict(outcome.extras)
 
+    def global_metrics(self, rollouts, local: dict[str, float]) -> dict[str, float]:
+        # From the rollouts alone: a truncated piece has finish_reason "truncated" and its response
+        # length is its failure point; a continuation's mask starts with its untrained prefix.
+        failure_points = [len(r.response_ids) for r in rollouts if r.finish_reason == "truncated"]
+        num_resamples = sum(1 for r in rollouts if r.response_mask is not None and r.mask[:1] == [0])
+        total = len(rollouts)
+        p = "adaptive/"
+        return {
+            **super().global_metrics(rollouts, local),
+            p + "truncation_rate": len(failure_points) / total if total else 0.0,
+            p + "resample_rate": num_resamples / total if total else 0.0,
+            p + "avg_failure_point": sum(failure_points) / len(failure_points) if failure_points else 0.0,
+            p + "total_rollouts": float(total),
+        }
+
     def _metrics(self, batch: RolloutBatch, chains: list[_Chain], num_resamples: int) -> dict[str, float]:
         failure_points = [len(p.response_ids) for c in chains for p in c.pieces]
         total = len(batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from types import SimpleNamespace
@@ -127,6 +128,14 @@ def test_adaptive_scripted_scenario_exact_metrics_and_calls():
         "adaptive_rollout/positive_rate": 0.8,
         "adaptive_rollout/efficiency": 5 / 36,
     }
+    # The trainer recomputes the metrics over every rank's rollouts: one rank gives the same values,
+    # and a second rank's batch (here: the same groups under other ids) doubles the counts.
+    assert sampler.global_metrics(batch.rollouts, metrics) == metrics
+    other = [dataclasses.replace(r, group_id=("other", r.group_id)) for r in batch.rollouts]
+    both = sampler.global_metrics(batch.rollouts + other, metrics)
+    assert both["adaptive_rollout/total_rollouts"] == 72 and both["adaptive_rollout/samples_with_positive"] == 8
+    assert both["adaptive_rollout/positive_rate"] == 0.8 and both["adaptive_rollout/iterations"] == 3
+    assert both["sampler/num_groups"] == 10
 
 
 def test_adaptive_respects_min_rollouts_and_max_n():
@@ -320,6 +329,7 @@ def test_token_adaptive_truncates_resamples_and_masks():
     assert metrics == {"sampler/num_rollouts": 4.0, "sampler/num_groups": 1.0, "adaptive/truncation_rate": 0.5,
                        "adaptive/resample_rate": 0.5, "adaptive/avg_failure_point": 8.5,
                        "adaptive/total_rollouts": 4.0}
+    assert batch_global_metrics_match(run_token_adaptive)
 
     t = batch.to_tensors()
     assert t["response_mask"].tolist() == [
@@ -328,6 +338,16 @@ def test_token_adaptive_truncates_resamples_and_masks():
     # The stitched rollout's logprobs are the prefix's plus the continuation's, position by position.
     assert t["rollout_log_probs"][3].tolist() == pytest.approx([position_logprob(1 + q) for q in range(13)])
     assert t["input_ids"][3].tolist() == [1000, *end.response_ids]
+
+
+def batch_global_metrics_match(run) -> bool:
+    """token_adaptive's metrics recomputed from the rollouts alone equal the sampler's own."""
+    for kwargs in ({"max_tokens": 32}, {"max_resamples_per_prefix": 1}, {"n": 4, "target_rollouts": 3}):
+        batch, metrics, *_ = run(**kwargs)
+        sampler = build_sampler(sampler_cfg("token_adaptive"), n=1, temperature=1.0, train_batch_size=1)
+        if sampler.global_metrics(batch.rollouts, metrics) != metrics:
+            return False
+    return True
 
 
 def test_token_adaptive_retry_budget_scores_unfinished_chain_as_is():
