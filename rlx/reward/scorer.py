@@ -333,11 +333,17 @@ class ProcessScorer(_Scorer):
         outcomes: list[Outcome | None] = [None] * len(items)
         todo = list(range(len(items)))
         while todo:
-            futures = {
-                self._pool.submit(_score_chunk, chunk, [items[i] for i in chunk]): chunk
-                for chunk in _split(todo, self.num_workers)
-            }
-            if not self._collect(futures, outcomes):
+            futures = {}
+            for chunk in _split(todo, self.num_workers):
+                try:
+                    futures[self._pool.submit(_score_chunk, chunk, [items[i] for i in chunk])] = chunk
+                except BrokenProcessPool:
+                    # A worker of an earlier chunk of this call died while we were submitting:
+                    # collecting the submitted chunks finds the culprit, the rest is re-run.
+                    break
+            if not futures:  # broken before this call (nothing of ours ran): just rebuild
+                self._restart()
+            elif not self._collect(futures, outcomes):
                 self._restart()
             todo = [i for i, o in enumerate(outcomes) if o is None]
         return outcomes
