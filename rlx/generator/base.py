@@ -125,6 +125,17 @@ class RngSwap:
     def __init__(self) -> None:
         self.engine_state: RngState | None = None
 
+    def reseed(self, seed: int) -> None:
+        """Restart the engine's stream from `seed` (trainer state untouched). The trainer reseeds
+        every step from (seed, step, replica), so a resumed run samples what an uninterrupted one
+        would have, instead of replaying the stream from engine creation."""
+        import numpy as np
+
+        with self.engine():
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+
     @contextmanager
     def engine(self):
         trainer_state = RngState.capture()

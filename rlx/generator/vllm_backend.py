@@ -178,6 +178,12 @@ class VLLMGenerator:
         self._last_tokens_per_second = num_tokens / max(seconds, 1e-9)
         return results
 
+    def reseed(self, step: int) -> None:
+        """Make sampling from here on a function of (generator.seed, step, engine replica) only:
+        a resumed run then draws the same rollouts as an uninterrupted one. TP peers of one
+        engine get the same seed, as they must."""
+        self._rng.reseed(self.cfg.seed + 1_000_003 * step + self.layout.dp_index)
+
     def _sampling_params(self, request: GenerationRequest, validation: bool):
         cfg = self.cfg
         default_temperature = cfg.val_temperature if validation else cfg.temperature

@@ -55,6 +55,7 @@ class RLTrainer:
         s, cfg, timer = self.s, self.cfg, Timer()
         start = time.perf_counter()
 
+        s.engine.reseed(step)  # sampling depends on (seed, step), not on how the run got here
         with timer("generate"):  # sampler: generation + reward (reward timed separately below)
             local, metrics = s.sampler.sample(s.stream.take(s.sampler.num_prompts), s.sampler_ctx)
         timer.seconds["timing/reward"] = s.reward.pop_seconds()

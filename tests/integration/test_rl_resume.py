@@ -1,0 +1,73 @@
+"""RL checkpoint/resume: a run stopped after a checkpoint and resumed (also after SIGKILL) logs the
+same metrics afterwards as an uninterrupted run (same rollouts, losses and weights)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import read_metrics, train_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+COMPARED = ("reward/mean", "response/length_mean", "actor/pg_loss", "actor/grad_norm", "perf/num_tokens",
+            "perf/total_generated_tokens")  # fmt: skip
+
+
+def train_cmd(model: Path, data: Path, out: Path, name: str, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rlx.train", f"--model.path={model}", f"--data.train_files={json.dumps([str(data)])}",
+            f"--job.output_dir={out}", f"--job.name={name}", f"--train.steps={steps}", "--train.val_every=0",
+            "--data.train_batch_size=4", "--data.max_prompt_length=32", "--generator.n=4", "--generator.max_tokens=8",
+            "--generator.kv_cache_space_gib=0.25", "--reward.fn=qs_reward:score", "--reward.backend=inline",
+            "--optim.lr=1e-3", "--checkpoint.interval=1", "--logging.progress_bar=false", *extra]  # fmt: skip
+
+
+def by_step(records: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in records if r["step"] > 0}  # the last record of a step wins
+
+
+def assert_same(a: dict, b: dict, step: int) -> None:
+    for key in COMPARED:
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"step {step}: {key} {a[key]} != {b[key]}"
+
+
+def test_resume_after_stop_and_after_sigkill_matches_uninterrupted(tiny_model, tiny_jsonl, parity_reward_dir, tmp_path):
+    model, env = tiny_model("qwen3"), train_env(parity_reward_dir)
+    run = lambda *cmd: subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=600)  # noqa: E731
+
+    full = run(*train_cmd(model, tiny_jsonl, tmp_path, "full", 4))
+    assert full.returncode == 0, full.stderr[-3000:]
+    reference = by_step(read_metrics(tmp_path / "full"))
+    assert sorted(reference) == [1, 2, 3, 4]
+
+    # Stop after step 2 (its checkpoint is complete), then resume to step 4.
+    first = run(*train_cmd(model, tiny_jsonl, tmp_path, "stopped", 2))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run(*train_cmd(model, tiny_jsonl, tmp_path, "stopped", 4, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    after = by_step(read_metrics(tmp_path / "stopped"))
+    for step in (3, 4):
+        assert_same(after[step], reference[step], step)
+
+    # SIGKILL as soon as a checkpoint exists, then resume from the latest complete one.
+    proc = subprocess.Popen(train_cmd(model, tiny_jsonl, tmp_path, "killed", 4), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not any((p / "COMPLETE").exists() for p in ckpts.glob("step-*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = run(*train_cmd(model, tiny_jsonl, tmp_path, "killed", 4))  # checkpoint.resume = "auto"
+    assert again.returncode == 0, again.stderr[-3000:]
+    killed = by_step(read_metrics(tmp_path / "killed"))
+    assert sorted(killed) == [1, 2, 3, 4]
+    for step in (2, 3, 4):
+        assert_same(killed[step], reference[step], step)
