@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -68,7 +69,11 @@ def test_wandb_offline_run_is_written_under_the_run_dir(tmp_path, monkeypatch):
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     (log,) = runs[0].glob("run-*.wandb")  # offline: config and history live in this binary log
-    data = log.read_bytes()
+    # wandb's service process may still be flushing the log when finish() returns (seen on a
+    # loaded machine): wait for it, boundedly.
+    deadline = time.monotonic() + 30
+    while not (b"sampler" in (data := log.read_bytes()) and b"reward/mean" in data) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert b"sampler" in data and b"reward/mean" in data
 
 
