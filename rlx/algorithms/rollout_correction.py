@@ -8,225 +8,370 @@ pi_train; the per-token log-ratio `lr = log pi_train - log pi_rollout` measures 
 `exp(lr)` (per token, or summed per sequence) re-weight the gradient towards pi_train; truncation (TIS) or
 masking outside a band (IcePop) bounds their variance. Rejection sampling instead drops tokens/sequences whose
 divergence is too large. Both only read log-probs, so everything here runs without grad.
+
+Cost: every metric (~60 of them) is a function of a few per-row reductions (sums, maxima) of per-token
+statistics. The device computes those, one pass each and no host sync, they travel to the host as one `[K, B]`
+tensor, and the scalar metrics are derived there in float64 numpy. One `exp` (float64, which the diagnostics
+need anyway) is shared by the IS weights, the k3 criterion and the diagnostics.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from rlx.algorithms.core import FLOAT64_EXP_BOUND, SAFETY_BOUND, masked_max, to_floats
+from rlx.algorithms.core import FLOAT64_EXP_BOUND, SAFETY_BOUND
 from rlx.config.rollout_correction_options import (
-    TOKEN_LEVEL_RS_OPTIONS, is_ratio_bounded, parse_is_level, parse_is_mode, parse_is_threshold,
+    RATIO_MODES, TOKEN_LEVEL_RS_OPTIONS, is_ratio_bounded, parse_is_level, parse_is_mode, parse_is_threshold,
     parse_rs_options, parse_rs_thresholds, parse_veto_threshold,
 )  # fmt: skip
 
 PREFIX = "rollout_corr/"
+# Added to padded positions before a min (subtracted before a max) so that padding never wins. Every statistic
+# reduced that way is a function of the log-ratio clamped to +-20, so at most e^20 in magnitude.
+_BIG = 1e30
 
 
-# Inputs are sanitised once (padding -> 0) on entry, so inside this module a masked reduction is a plain
-# multiply-and-sum; core.masked_sum's extra `where` pass per reduction would dominate the run time.
-def masked_sum(x: torch.Tensor, maskf: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    return (x * maskf).sum() if dim is None else (x * maskf).sum(dim)
+def _cmp(op, x: torch.Tensor, value: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`op(x, value)` as 0/1 in x's dtype (into `out` if given). Comparisons and `where` on bool tensors cost
+    ~5-30x an arithmetic pass on CPU, so keep masks stay floating point and combine by multiplication."""
+    return op(x, value, out=torch.empty_like(x) if out is None else out)
 
 
-def masked_mean(x: torch.Tensor, maskf: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    count = maskf.sum() if dim is None else maskf.sum(dim)
-    return masked_sum(x, maskf, dim) / (count + 1e-8)
+def _within(x: torch.Tensor, lo: float | None, hi: float, scratch: torch.Tensor) -> torch.Tensor:
+    """0/1 `lo <= x <= hi` (`x <= hi` when lo is None); NaN is outside. Overwrites `scratch`."""
+    keep = _cmp(torch.le, x, hi)
+    return keep if lo is None else keep.mul_(_cmp(torch.ge, x, lo, out=scratch))
 
 
-def _is_weights(lr, maskf, level, threshold, lower_opt, mode, batch_normalize, metrics):
-    """IS weights `[B, T]` (zero on padding, detached) and their `rollout_is_*` metrics (before batch norm)."""
-    band_lower, upper = parse_is_threshold(threshold)
-    mode = parse_is_mode(mode)
-    if lower_opt is not None:
-        if band_lower is not None:
-            raise ValueError("give the IS lower bound once: either rollout_is_threshold='lo_hi' or rollout_is_threshold_lower")
-        if not 0 < lower_opt <= upper:
-            raise ValueError(f"rollout_is_threshold_lower must be in (0, upper={upper}], got {lower_opt}")
-    # IcePop ("lo_hi") and mode="mask" zero weights outside [lower, upper]; truncate clamps into it.
-    band = band_lower is not None or mode == "mask"
-    lower = next(v for v in (band_lower, lower_opt, 1.0 / upper) if v is not None)  # metrics convention: 1/upper
-
-    if level == "token":
-        raw = torch.exp(torch.clamp(lr, -SAFETY_BOUND, SAFETY_BOUND)) * maskf
-    else:
-        # Sequence weight = product of token ratios = exp(sum of log-ratios), one value per row.
-        seq_log = masked_sum(lr, maskf, dim=-1)
-        raw = torch.exp(torch.clamp(seq_log, -SAFETY_BOUND, SAFETY_BOUND)).unsqueeze(-1) * maskf
-    if band:
-        inside = (raw >= lower) & (raw <= upper)
-        weights = torch.where(inside, raw, torch.zeros_like(raw))
-    elif lower_opt is not None:
-        weights = raw.clamp(min=lower_opt, max=upper) * maskf
-    else:
-        weights = raw.clamp(max=upper)  # TIS: upper truncation only (verl; no implicit 1/upper floor)
-
-    m = metrics
-    m["rollout_is_mean"] = masked_mean(weights, maskf)
-    if level == "token":
-        m["rollout_is_ratio_fraction_high"] = masked_mean((raw > upper).float(), maskf)
-        m["rollout_is_ratio_fraction_low"] = masked_mean((raw < lower).float(), maskf)
-        m["rollout_is_max"] = masked_max(weights.reshape(1, -1), maskf.reshape(1, -1)).squeeze(0)
-        m["rollout_is_min"] = -masked_max(-weights.reshape(1, -1), maskf.reshape(1, -1)).squeeze(0)
-    else:
-        # Extremes over *all* rows (an empty row has log-weight 0), from the unclamped sequence log-ratio.
-        m["rollout_is_max"] = torch.exp(seq_log.max().clamp(max=SAFETY_BOUND))
-        m["rollout_is_min"] = torch.exp(seq_log.min().double().clamp(max=FLOAT64_EXP_BOUND))
-        m["rollout_is_ratio_fraction_high"] = (seq_log > math.log(upper)).float().mean()
-        m["rollout_is_ratio_fraction_low"] = (seq_log < math.log(lower)).float().mean()
-    clipped = weights.clamp(min=0.0, max=upper)
-    mean_c = masked_mean(clipped, maskf)
-    if float(maskf.sum()) > 1:
-        m["rollout_is_std"] = torch.sqrt(torch.clamp(masked_mean(clipped.square(), maskf) - mean_c.square(), min=0))
-    else:
-        m["rollout_is_std"] = 0.0
-    # Normalised effective sample size in (0, 1]: 1 / E[(w / E w)^2]. All-zero weights give 0, not inf.
-    second = masked_mean((clipped / (mean_c + 1e-8)).square(), maskf)
-    m["rollout_is_eff_sample_size"] = torch.where(second > 0, 1.0 / second.clamp(min=1e-30), torch.zeros_like(second))
-    q = masked_mean(weights, maskf, dim=-1)  # per-row mean weight, all rows (empty -> 0)
-    m["rollout_is_seq_mean"] = q.mean()
-    m["rollout_is_seq_std"] = q.std() if q.numel() > 1 else 0.0
-    m["rollout_is_seq_max"] = q.max()
-    m["rollout_is_seq_min"] = q.min()
-    m["rollout_is_seq_max_deviation"] = (q - 1.0).abs().max()
-    q_raw = masked_mean(raw, maskf, dim=-1)  # pre-truncation, so the high fraction is not dead under TIS
-    m["rollout_is_seq_fraction_high"] = (q_raw > upper).float().mean()
-    m["rollout_is_seq_fraction_low"] = (q_raw < lower).float().mean()
-    if band:
-        outside = masked_mean((~inside).float(), maskf)
-        m["rollout_is_oob_ratio"] = outside
-        if band_lower is None:  # the first vocabulary's name for mode="mask"
-            m["rollout_is_masked_fraction"] = outside
-
-    weights = weights.detach()
-    if batch_normalize:
-        if level == "token":
-            mu = masked_mean(weights, maskf)
-        else:
-            valid = (maskf.sum(-1) > 0).to(weights.dtype)
-            mu = (masked_mean(weights, maskf, dim=-1) * valid).sum() / valid.sum().clamp(min=1e-8)
-        ok = mu > 1e-8
-        weights = torch.where(ok, weights / mu.clamp(min=1e-8), weights)
-        m["rollout_is_batch_norm_factor"] = torch.where(ok, mu, torch.ones_like(mu))
-    return weights
+def _zero_padding(x: torch.Tensor, m: torch.Tensor, needed: bool) -> torch.Tensor:
+    """`x * m` in place, skipped when the caller knows x is already 0 on padding."""
+    return x.mul_(m) if needed else x
 
 
-def _rs_statistic(option, x, maskf, cache):
-    """(per-token statistic `[B, T]`, per-row statistic `[B]` or None) for one RS option."""
-    if option in ("token", "sequence", "geometric"):
-        token = x  # ratio modes bound log(pi_train / pi_rollout)
-    else:
-        kind = option[-2:]
-        if kind not in cache:  # k1 = -x, k2 = x^2/2, k3 = e^x - 1 - x (x clamped to +-20)
-            cache[kind] = {"k1": lambda: -x, "k2": lambda: 0.5 * x.square(), "k3": lambda: torch.exp(x) - 1.0 - x}[kind]()
-        token = cache[kind]
-    if option in TOKEN_LEVEL_RS_OPTIONS:
-        return token, None
-    if option.startswith("seq_sum") or option == "sequence":
-        seq = masked_sum(token, maskf, dim=-1)
-    elif option.startswith("seq_mean") or option == "geometric":
-        seq = masked_mean(token, maskf, dim=-1)  # geometric: log of the geometric-mean ratio
-    else:
-        seq = masked_max(token, maskf, dim=-1)
-    return seq.unsqueeze(-1).expand_as(token), seq
+class _Rows:
+    """Named per-row vectors `[B]` queued on the device, then fetched to the host in one transfer."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, name: str, row: torch.Tensor) -> None:
+        self.names.append(name)
+        self.rows.append(row)
+
+    def sum(self, name: str, x: torch.Tensor) -> None:
+        self.add(name, x.sum(-1))
+
+    def fetch(self) -> dict[str, np.ndarray]:
+        host = torch.stack(self.rows).double().cpu().numpy()  # the only sync after the input check
+        return dict(zip(self.names, host))
 
 
-def _rs_option_metrics(p, stat, seq, keep, maskf, valid, lo, hi, m):
-    """verl's per-option RS metrics `rollout_rs_<option>_*`; lo is None for upper-only (k2/k3) options."""
-    has_lower = lo is not None
-    lo_val = lo if has_lower else 0.0
-    row_vals = (seq if seq is not None else masked_mean(stat, maskf, dim=-1))[valid]
-    m[f"{p}_mean"] = masked_mean(stat, maskf)
-    if seq is not None:
-        m[f"{p}_max"], m[f"{p}_min"] = row_vals.max(), row_vals.min()
-        m[f"{p}_fraction_high"] = (row_vals > hi).float().mean()
-        m[f"{p}_fraction_low"] = (row_vals < lo_val).float().mean() if has_lower else 0.0
-    else:
-        flat_s, flat_m = stat.reshape(1, -1), maskf.reshape(1, -1)
-        m[f"{p}_max"] = masked_max(flat_s, flat_m).squeeze(0)
-        m[f"{p}_min"] = -masked_max(-flat_s, flat_m).squeeze(0)
-        m[f"{p}_fraction_high"] = masked_mean((stat > hi).float(), maskf)
-        m[f"{p}_fraction_low"] = masked_mean((stat < lo_val).float(), maskf) if has_lower else 0.0
-    if float(maskf.sum()) > 1:
-        c = stat.clamp(min=lo_val, max=hi)
-        m[f"{p}_std"] = torch.sqrt(torch.clamp(masked_mean(c.square(), maskf) - masked_mean(c, maskf).square(), min=0))
-    else:
-        m[f"{p}_std"] = 0.0
-    m[f"{p}_seq_mean"] = row_vals.mean()
-    m[f"{p}_seq_std"] = row_vals.std() if row_vals.numel() > 1 else 0.0
-    m[f"{p}_seq_max"], m[f"{p}_seq_min"] = row_vals.max(), row_vals.min()
-    m[f"{p}_seq_max_deviation"] = row_vals.abs().max()
-    m[f"{p}_seq_fraction_high"] = (row_vals > hi).float().mean()
-    if has_lower:
-        m[f"{p}_seq_fraction_low"] = (row_vals < lo_val).float().mean()
-    m[f"{p}_masked_fraction"] = masked_mean(1.0 - keep.float(), maskf)
-    rejected_row = (~keep & maskf.bool()).any(dim=-1)
-    m[f"{p}_seq_masked_fraction"] = rejected_row[valid].float().mean()
+def _prepare(old, roll, response_mask, dtype):
+    """Inputs with padding zeroed: (rollout log-probs, log-ratio lr in `dtype`, exact log-ratio fp64, its row
+    sums S `[B]` fp64), then the float mask, row lengths `[B]` and the token count (one host sync).
 
-
-def _rs_keep(lr, maskf, options, bounds, metrics):
-    """Combined keep mask `[B, T]` (bool): every option must pass. Fills `rollout_rs_*` metrics."""
-    x = torch.clamp(lr, -SAFETY_BOUND, SAFETY_BOUND)
-    valid = maskf.sum(-1) > 0
-    cache: dict[str, torch.Tensor] = {}
-    keep_all = torch.ones_like(maskf, dtype=torch.bool)
-    for option, (lo, hi) in zip(options, bounds):
-        stat, seq = _rs_statistic(option, x, maskf, cache)
-        if is_ratio_bounded(option):  # compare in log space: no exp, no overflow
-            lo_s, hi_s = math.log(lo), math.log(hi)
-            keep = (stat >= lo_s) & (stat <= hi_s)
-        else:
-            lo_s, hi_s = None, hi
-            keep = stat <= hi_s
-        keep_all &= keep
-        _rs_option_metrics(f"rollout_rs_{option}", stat, seq, keep, maskf, valid, lo_s, hi_s, metrics)
-    metrics["rollout_rs_masked_fraction"] = masked_mean(1.0 - keep_all.float(), maskf)
-    metrics["rollout_rs_seq_masked_fraction"] = (~keep_all & maskf.bool()).any(dim=-1).float().mean()
-    return keep_all
-
-
-def _veto_keep(lr, maskf, veto, metrics):
-    """Per-row keep `[B, 1]`: a response with any token ratio pi_train/pi_rollout < veto is rejected whole."""
-    catastrophic = (lr < math.log(veto)) & maskf.bool()
-    vetoed = catastrophic.any(dim=-1, keepdim=True)
-    metrics["rollout_is_veto_fraction"] = vetoed.float().mean()
-    metrics["rollout_is_catastrophic_token_fraction"] = masked_mean(catastrophic.float(), maskf)
-    return ~vetoed
-
-
-def offpolicy_metrics(old_log_prob, rollout_log_prob, maskf, lr):
-    """The 13 always-present diagnostics, in float64 (verl's unclamped exps stay finite up to e^700).
-
-    Inputs `[B, T]` must already be zero (finite) on padding: `rollout_correction` does that.
+    The fp64 log-ratio is exact (a difference of two fp32 numbers), so the diagnostics' log-ppl differences match
+    verl's float64 ones; rounded to `dtype` it is bit-identical to `old - roll` computed in that dtype.
+    Padding may hold anything (-inf, NaN). When S is finite, so is every value that reaches it, and a multiply
+    by the mask zeroes the padding (rlx pads with 0). Otherwise the inputs take `masked_fill`, which keeps a
+    non-finite *valid* value as it is (it must show in the outputs); on CPU a bool fill is ~10x a multiply.
     """
-    old, roll, m = old_log_prob.double(), rollout_log_prob.double(), maskf.double()
-    lr64 = lr.double()
+    m = response_mask.to(dtype)
+    lengths = m.sum(-1)
+    lr64 = old.double().sub_(roll).mul_(m)
+    seq = lr64.sum(-1)
+    num_tokens, total = torch.stack([lengths.sum().double(), seq.sum()]).tolist()
+    if num_tokens == 0:
+        raise ValueError("rollout_correction: response_mask must contain at least one valid token")
+    if math.isfinite(total):
+        return roll * m, lr64.to(dtype, copy=True), lr64, seq, m, lengths, num_tokens
+    padding = ~response_mask.bool()
+    old, roll = old.masked_fill(padding, 0.0), roll.masked_fill(padding, 0.0)
+    lr64 = old.double().sub_(roll)
+    return roll, lr64.to(dtype, copy=True), lr64, lr64.sum(-1), m, lengths, num_tokens
+
+
+@dataclass
+class _ISSpec:
+    """Parsed IS threshold: `band` zeroes weights outside [lower, upper] (IcePop or mode="mask")."""
+
+    upper: float
+    lower: float  # the band's lower end, or the metrics convention 1/upper
+    band: bool
+    band_lower: float | None  # from "lo_hi" (IcePop)
+    truncate_lower: float | None  # rollout_is_threshold_lower with mode="truncate"
+
+    @classmethod
+    def parse(cls, threshold, lower_opt, mode) -> _ISSpec:
+        band_lower, upper = parse_is_threshold(threshold)
+        mode = parse_is_mode(mode)
+        if lower_opt is not None:
+            if band_lower is not None:
+                raise ValueError("give the IS lower bound once: either rollout_is_threshold='lo_hi' or "
+                                 "rollout_is_threshold_lower")  # fmt: skip
+            if not 0 < lower_opt <= upper:
+                raise ValueError(f"rollout_is_threshold_lower must be in (0, upper={upper}], got {lower_opt}")
+        band = band_lower is not None or mode == "mask"
+        lower = next(v for v in (band_lower, lower_opt, 1.0 / upper) if v is not None)
+        return cls(upper, lower, band, band_lower, lower_opt if not band else None)
+
+
+def _diagnostic_rows(roll, lr, lr64, seq_exact, rows):
+    """Queue the per-row sums behind the 13 off-policy diagnostics; returns (S `[B]` fp64, exp(clamp(lr, +-20))
+    `[B, T]` fp64 in lr64's buffer), reused by the IS weights and the k3 criterion.
+
+    Fresh `[B, T]` buffers are kept few (reused in place): on CPU each is a malloc whose pages may fault in again.
+    """
+    rows.sum("roll", roll)  # (fp32 row sums are ample for the per-row mean log-prob)
+    rows.add("lr", seq_exact)  # exact S_i: kl and the log-ppl differences, which cancel
+    x64 = lr64.copy_(lr)  # from here on verl's view: the compute-dtype lr, in float64
+    seq_log = x64.sum(-1)  # S_i as the sequence IS weight exp(S_i) sees it
+    rows.add("seq_log", seq_log)
+    # verl exponentiates lr unclamped; float64 with a 700 clamp equals it wherever it is finite. float64 also
+    # keeps exp(x) - 1 - x exact for small x, where float32 loses ~all digits to cancellation.
+    e = x64.clamp_(max=FLOAT64_EXP_BOUND).exp_()
+    tmp = torch.sub(e, lr).sub_(1.0)  # exp(lr) - lr - 1: zero on padding (lr = 0)
+    rows.sum("k3", tmp)
+    e_c = e.clamp_(math.exp(-SAFETY_BOUND), math.exp(SAFETY_BOUND))  # = exp(clamp(lr, +-20)): exp is monotone
+    rows.sum("chi2", torch.mul(e_c, e_c, out=tmp).sub_(1.0))  # exp(2x) - 1, zero on padding
+    return seq_log, e_c
+
+
+def _diagnostics(h, n):
+    """The 13 always-present diagnostics (ALGORITHMS.md 5.3) from the fetched row sums, in float64."""
+    L, den = h["len"], n + 1e-8
+    rho = h["roll"] / (L + 1e-8)  # per-row mean log-prob under pi_rollout
+    diff = -h["lr"] / (L + 1e-8)  # rho_i - ell_i = log(training_ppl_i / rollout_ppl_i)
+    ell = rho - diff  # ... under pi_train
 
     def exp64(v):
-        return torch.exp(v.clamp(max=FLOAT64_EXP_BOUND))
+        return np.exp(np.minimum(v, FLOAT64_EXP_BOUND))
 
-    ell = masked_mean(old, m, dim=-1)  # per-row mean log-prob under pi_train
-    rho = masked_mean(roll, m, dim=-1)  # ... under pi_rollout
-    diff = rho - ell  # log(training_ppl_i / rollout_ppl_i)
-    seq_log = torch.clamp(masked_sum(lr64, m, dim=-1), -SAFETY_BOUND, SAFETY_BOUND)
     return {
         "training_ppl": exp64(-ell).mean(),
         "training_log_ppl": (-ell).mean(),
-        "kl": masked_mean(roll - old, m),  # KL(pi_rollout || pi_train), k1 estimator on rollout samples
-        "k3_kl": masked_mean(exp64(lr64) - lr64 - 1, m),
+        "kl": -h["lr"].sum() / den,  # KL(pi_rollout || pi_train), k1 on rollout samples
+        "k3_kl": h["k3"].sum() / den,
         "rollout_ppl": exp64(-rho).mean(),
         "rollout_log_ppl": (-rho).mean(),
         "log_ppl_diff": diff.mean(),
-        "log_ppl_abs_diff": diff.abs().mean(),
+        "log_ppl_abs_diff": np.abs(diff).mean(),
         "log_ppl_diff_max": diff.max(),
         "log_ppl_diff_min": diff.min(),
         "ppl_ratio": exp64(diff).mean(),
-        "chi2_token": masked_mean(torch.exp(torch.clamp(lr64, -SAFETY_BOUND, SAFETY_BOUND)).square(), m) - 1.0,
-        "chi2_seq": torch.exp(2.0 * seq_log).mean() - 1.0,
+        "chi2_token": (h["chi2"].sum() + n) / den - 1.0,  # masked_mean(exp(2x)) - 1
+        "chi2_seq": np.exp(2.0 * np.clip(h["seq_log"], -SAFETY_BOUND, SAFETY_BOUND)).mean() - 1.0,
     }
+
+
+def offpolicy_metrics(old_log_prob, rollout_log_prob, maskf, lr) -> dict[str, float]:
+    """The 13 always-present diagnostics as floats. Inputs `[B, T]` must already be zero (finite) on padding."""
+    rows = _Rows()
+    rows.sum("len", maskf)
+    lr64 = old_log_prob.double() - rollout_log_prob
+    _diagnostic_rows(rollout_log_prob, lr, lr64, lr64.sum(-1), rows)
+    h = rows.fetch()
+    return {k: float(v) for k, v in _diagnostics(h, h["len"].sum()).items()}
+
+
+def _is_weights(spec, level, seq_log, e_c, m, n, pad_big, scratch, rows):
+    """IS weights `[B, T]` before batch norm (zero on padding); queues the row reductions of their metrics."""
+    if level == "token":
+        raw = e_c.to(m.dtype, copy=True).mul_(m)
+        rows.sum("is_raw", raw)
+        rows.sum("is_hi", _cmp(torch.gt, raw, spec.upper, out=scratch))  # raw is 0 on padding, never > upper
+        rows.sum("is_lo", _cmp(torch.lt, raw, spec.lower, out=scratch).mul_(m))
+    else:  # sequence weight = product of the token ratios = exp(sum of log-ratios), one value per row
+        raw = seq_log.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().to(m.dtype)
+        rows.add("is_raw", raw.clone())
+    # Weights in raw's buffer: its reductions are queued.
+    if spec.band:
+        inside = _within(raw, spec.lower, spec.upper, scratch if level == "token" else torch.empty_like(raw))
+        w = raw.mul_(inside)
+        if level == "token":
+            rows.sum("is_in", inside)
+        else:
+            rows.add("is_in", inside)
+    elif spec.truncate_lower is not None:
+        w = raw.clamp_(spec.truncate_lower, spec.upper)
+    else:
+        w = raw.clamp_(max=spec.upper)  # TIS: upper truncation only (verl; no implicit 1/upper floor)
+    if level == "sequence":  # the metrics need only the row values
+        rows.add("is_w", w)
+        return w.unsqueeze(-1) * m
+    if spec.truncate_lower is not None:
+        w.mul_(m)
+    w_rows = w.sum(-1)
+    rows.add("is_w", w_rows)
+    # The std from E[w^2] - E[w]^2 in fp32 loses everything to cancellation when the weights are close together;
+    # centring on the batch mean first (a device scalar, no sync) keeps it: var = E[d^2] - E[d]^2, d = w - mean.
+    d = torch.sub(w, w_rows.sum() / n, out=scratch).mul_(m)
+    rows.sum("is_d", d)
+    rows.sum("is_d2", d.square_())
+    rows.add("is_max", w.amax(-1))  # w >= 0 and padding is 0: the masked max of every non-empty row
+    rows.add("is_min", torch.add(w, pad_big, out=scratch).amin(-1))
+    return w
+
+
+def _is_metrics(h, spec, level, n, metrics):
+    """`rollout_is_*` metrics (ALGORITHMS.md 5.1) from the fetched rows; returns the batch-norm mean mu.
+
+    The weights already lie in [0, upper] in every mode, so the spec's `clamp(w, 0, upper)` is w itself.
+    """
+    L, den, m = h["len"], n + 1e-8, metrics
+    valid = L > 0
+    if level == "token":
+        w_sum, raw_sum = h["is_w"], h["is_raw"]
+        var = h["is_d2"].sum() / n - (h["is_d"].sum() / n) ** 2  # d: w centred on its mean (see _is_weights)
+    else:  # a row's weight is constant over its L tokens
+        w_sum, raw_sum = h["is_w"] * L, h["is_raw"] * L
+        var = ((h["is_w"] - w_sum.sum() / n) ** 2 * L).sum() / n
+    mean = w_sum.sum() / den
+    m["rollout_is_mean"] = mean
+    if level == "token":
+        m["rollout_is_ratio_fraction_high"] = h["is_hi"].sum() / den
+        m["rollout_is_ratio_fraction_low"] = h["is_lo"].sum() / den
+        m["rollout_is_max"], m["rollout_is_min"] = h["is_max"][valid].max(), h["is_min"][valid].min()
+    else:
+        # Extremes over *all* rows (an empty row has log-weight 0), from the unclamped sequence log-ratio.
+        seq_log = h["seq_log"]
+        m["rollout_is_max"] = math.exp(min(seq_log.max(), SAFETY_BOUND))
+        m["rollout_is_min"] = math.exp(min(seq_log.min(), FLOAT64_EXP_BOUND))
+        m["rollout_is_ratio_fraction_high"] = (seq_log > math.log(spec.upper)).mean()
+        m["rollout_is_ratio_fraction_low"] = (seq_log < math.log(spec.lower)).mean()
+    # Population std over the n valid tokens (n, not n + 1e-8, as in fp32 where the 1e-8 vanishes).
+    m["rollout_is_std"] = math.sqrt(max(var, 0.0)) if n > 1 else 0.0
+    # Normalised effective sample size in (0, 1]: 1 / E[(w / E w)^2]. All-zero weights give 0, not inf.
+    second = (var + (w_sum.sum() / n) ** 2) * (n / den) / (mean + 1e-8) ** 2
+    m["rollout_is_eff_sample_size"] = 1.0 / max(second, 1e-30) if second > 0 else 0.0
+    q = w_sum / (L + 1e-8)  # per-row mean weight, all rows (empty -> 0)
+    m["rollout_is_seq_mean"] = q.mean()
+    m["rollout_is_seq_std"] = q.std(ddof=1) if q.size > 1 else 0.0
+    m["rollout_is_seq_max"], m["rollout_is_seq_min"] = q.max(), q.min()
+    m["rollout_is_seq_max_deviation"] = np.abs(q - 1.0).max()
+    q_raw = raw_sum / (L + 1e-8)  # pre-truncation, so the high fraction is not dead under TIS
+    m["rollout_is_seq_fraction_high"] = (q_raw > spec.upper).mean()
+    m["rollout_is_seq_fraction_low"] = (q_raw < spec.lower).mean()
+    if spec.band:
+        inside = h["is_in"] if level == "token" else h["is_in"] * L
+        m["rollout_is_oob_ratio"] = (n - inside.sum()) / den
+        if spec.band_lower is None:  # the first vocabulary's name for mode="mask"
+            m["rollout_is_masked_fraction"] = m["rollout_is_oob_ratio"]
+    if level == "token":
+        return mean
+    return q[valid].sum() / max(valid.sum(), 1e-8)  # mean over non-empty rows of the row-mean weight
+
+
+def _rs_token_statistic(option, x, e_c, cache):
+    """Per-token statistic `[B, T]` of an RS option (zero on padding, where x = 0)."""
+    if option in RATIO_MODES:
+        return x  # ratio modes bound log(pi_train / pi_rollout)
+    kind = option[-2:]
+    if kind not in cache:  # k1 = -x, k2 = x^2/2, k3 = e^x - 1 - x (x clamped to +-20)
+        if kind == "k1":
+            cache[kind] = -x
+        elif kind == "k2":
+            cache[kind] = x.square().mul_(0.5)
+        else:  # from the shared float64 exp: exact even where e^x - 1 - x cancels
+            cache[kind] = torch.sub(e_c, x).sub_(1.0).to(x.dtype)
+    return cache[kind]
+
+
+def _rs_keep(lr, e_c, m, pad_big, scratch, options, bounds, rows):
+    """Combined keep `[B, T]` or `[B, 1]` (0/1, not masked): every option must pass. Queues the metric rows.
+
+    `scratch` holds the statistics that are only reduced."""
+    x = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    cache: dict[str, torch.Tensor] = {}
+    keep_all = None
+    for option, (lo, hi) in zip(options, bounds):
+        token = _rs_token_statistic(option, x, e_c, cache)
+        lo_s, hi_s = (math.log(lo), math.log(hi)) if is_ratio_bounded(option) else (None, hi)  # k1: log space
+        key = f"rs/{option}/"
+        if option in TOKEN_LEVEL_RS_OPTIONS:
+            keep = _within(token, lo_s, hi_s, scratch)
+            rows.sum(key + "sum", token)
+            rows.add(key + "max", torch.sub(token, pad_big, out=scratch).amax(-1))
+            rows.add(key + "min", torch.add(token, pad_big, out=scratch).amin(-1))
+            # token is 0 on padding, so f(token) there is f(0): the mask is needed only where f(0) != 0.
+            rows.sum(key + "hi", _zero_padding(_cmp(torch.gt, token, hi_s, out=scratch), m, 0.0 > hi_s))
+            if lo_s is not None:
+                rows.sum(key + "lo", _zero_padding(_cmp(torch.lt, token, lo_s, out=scratch), m, 0.0 < lo_s))
+            lo_val = lo_s if lo_s is not None else 0.0
+            clamped = _zero_padding(torch.clamp(token, lo_val, hi_s, out=scratch), m, not lo_val <= 0.0 <= hi_s)
+            rows.sum(key + "c", clamped)
+            rows.sum(key + "c2", clamped.square_())
+            rows.sum(key + "kept", torch.mul(keep, m, out=scratch))
+        else:
+            if option.startswith("seq_sum") or option == "sequence":
+                seq = token.sum(-1)
+            elif option.startswith("seq_mean") or option == "geometric":  # geometric: log geometric-mean ratio
+                seq = token.sum(-1) / (m.sum(-1) + 1e-8)
+            else:  # masked max; an empty row gets -_BIG, which no metric reads
+                seq = torch.sub(token, pad_big, out=scratch).amax(-1)
+            keep_row = _within(seq, lo_s, hi_s, torch.empty_like(seq))
+            rows.add(key + "seq", seq)
+            rows.add(key + "keep", keep_row)
+            keep = keep_row.unsqueeze(-1)
+        keep_all = keep if keep_all is None else keep_all * keep
+    rows.sum("rs/kept", torch.mul(keep_all, m, out=scratch))
+    return keep_all
+
+
+def _rs_option_metrics(p, h, key, lo, hi, n, m):
+    """verl's per-option RS metrics `rollout_rs_<option>_*`; lo is None for upper-only (k2/k3) options.
+
+    lo/hi are rounded to the compute dtype, so host comparisons of device values match device comparisons.
+    """
+    L, den = h["len"], n + 1e-8
+    valid = L > 0
+    if key + "seq" in h:  # a sequence option: one value per row, broadcast to its tokens (token-weighted mean)
+        seq = np.where(valid, h[key + "seq"], 0.0)
+        row_vals = seq[valid]
+        m[f"{p}_mean"] = (seq * L).sum() / den
+        m[f"{p}_max"], m[f"{p}_min"] = row_vals.max(), row_vals.min()
+        m[f"{p}_fraction_high"] = (row_vals > hi).mean()
+        m[f"{p}_fraction_low"] = (row_vals < lo).mean() if lo is not None else 0.0
+        clamped = np.clip(seq, lo if lo is not None else 0.0, hi)
+        c_sum, c2_sum = (clamped * L).sum(), (clamped**2 * L).sum()
+        rejected = (1.0 - h[key + "keep"]) * L  # rejected valid tokens per row
+    else:
+        row_vals = (h[key + "sum"] / (L + 1e-8))[valid]
+        m[f"{p}_mean"] = h[key + "sum"].sum() / den
+        m[f"{p}_max"], m[f"{p}_min"] = h[key + "max"][valid].max(), h[key + "min"][valid].min()
+        m[f"{p}_fraction_high"] = h[key + "hi"].sum() / den
+        m[f"{p}_fraction_low"] = h[key + "lo"].sum() / den if lo is not None else 0.0
+        c_sum, c2_sum = h[key + "c"].sum(), h[key + "c2"].sum()
+        rejected = L - h[key + "kept"]
+    m[f"{p}_std"] = math.sqrt(max(c2_sum / n - (c_sum / n) ** 2, 0.0)) if n > 1 else 0.0
+    m[f"{p}_seq_mean"] = row_vals.mean()
+    m[f"{p}_seq_std"] = row_vals.std(ddof=1) if row_vals.size > 1 else 0.0
+    m[f"{p}_seq_max"], m[f"{p}_seq_min"] = row_vals.max(), row_vals.min()
+    m[f"{p}_seq_max_deviation"] = np.abs(row_vals).max()
+    m[f"{p}_seq_fraction_high"] = (row_vals > hi).mean()
+    if lo is not None:
+        m[f"{p}_seq_fraction_low"] = (row_vals < lo).mean()
+    m[f"{p}_masked_fraction"] = rejected.sum() / den
+    m[f"{p}_seq_masked_fraction"] = (rejected[valid] > 0).mean()
+
+
+def _rs_metrics(h, options, bounds, dtype, n, metrics):
+    """All `rollout_rs_*` metrics (ALGORITHMS.md 5.2) from the fetched rows."""
+    def rounded(v):  # a Python float as the compute dtype rounds it in a tensor comparison
+        return None if v is None else torch.tensor(v, dtype=dtype).item()
+
+    for option, (lo, hi) in zip(options, bounds):
+        lo_s, hi_s = (math.log(lo), math.log(hi)) if is_ratio_bounded(option) else (None, hi)
+        _rs_option_metrics(f"rollout_rs_{option}", h, f"rs/{option}/", rounded(lo_s), rounded(hi_s), n, metrics)
+    rejected = h["len"] - h["rs/kept"]
+    metrics["rollout_rs_masked_fraction"] = rejected.sum() / (n + 1e-8)
+    metrics["rollout_rs_seq_masked_fraction"] = (rejected > 0).mean()  # over all rows, empty ones included
 
 
 @torch.no_grad()
@@ -245,19 +390,21 @@ def rollout_correction(
     rollout_is_mode: str = "truncate",
     rollout_rs_threshold_lower: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, float]]:
-    """IS weights, rejection mask and metrics for pi_train (`old_log_prob`) vs pi_rollout. Inputs `[B, T]`.
+    """IS weights, rejection mask and metrics for pi_train (`old_log_prob`) vs pi_rollout. Inputs `[B, T]`,
+    response_mask `{0, 1}`.
 
     Returns (is_weights `[B, T]` fp32 detached or None, rs_mask `[B, T]` in response_mask's dtype, metrics
     with Python-float values, every key prefixed `rollout_corr/`). RS and veto never zero the IS weights:
     the trainer applies the mask as the loss mask. See README "Rollout correction" for every option.
+    Two host syncs: the input check and one fetch of all metric rows.
     """
     if old_log_prob.shape != rollout_log_prob.shape or old_log_prob.shape != response_mask.shape:
         raise ValueError(
             f"shape mismatch: old_log_prob {tuple(old_log_prob.shape)}, rollout_log_prob "
             f"{tuple(rollout_log_prob.shape)}, response_mask {tuple(response_mask.shape)}"
         )
-    if not bool(response_mask.any()):
-        raise ValueError("rollout_correction: response_mask must contain at least one valid token")
+    dtype = old_log_prob.dtype if old_log_prob.dtype.is_floating_point else torch.float32
+    roll, lr, lr64, seq_exact, m, lengths, n = _prepare(old_log_prob, rollout_log_prob, response_mask, dtype)
     level = parse_is_level(rollout_is)
     options = parse_rs_options(rollout_rs)
     bounds = parse_rs_thresholds(options, rollout_rs_threshold, rollout_rs_threshold_lower) if options else []
@@ -265,25 +412,40 @@ def rollout_correction(
         warnings.warn("rollout_rs_threshold_lower is ignored: no ratio-bounded rollout_rs option (k1, token, "
                       "sequence, geometric) is set", stacklevel=2)  # fmt: skip
     veto = parse_veto_threshold(rollout_token_veto_threshold)
-
-    dtype = old_log_prob.dtype if old_log_prob.dtype.is_floating_point else torch.float32
-    maskf = response_mask.to(dtype)
-    # Padding may hold anything (-inf, NaN); zero it once so nothing leaks into any reduction below.
-    valid_tok = response_mask.bool()
-    old_log_prob = old_log_prob.masked_fill(~valid_tok, 0.0)
-    rollout_log_prob = rollout_log_prob.masked_fill(~valid_tok, 0.0)
-    lr = old_log_prob - rollout_log_prob
-
-    metrics: dict[str, torch.Tensor | float] = {}
-    weights = None
+    spec = None
     if level is not None and rollout_is_threshold is not None:
-        weights = _is_weights(lr, maskf, level, rollout_is_threshold, rollout_is_threshold_lower,
-                              rollout_is_mode, rollout_is_batch_normalize, metrics)  # fmt: skip
-    keep = torch.ones_like(maskf, dtype=torch.bool)
+        spec = _ISSpec.parse(rollout_is_threshold, rollout_is_threshold_lower, rollout_is_mode)
+
+    rows = _Rows()
+    rows.add("len", lengths)
+    seq_log, e_c = _diagnostic_rows(roll, lr, lr64, seq_exact, rows)
+    scratch = roll if roll.dtype == lr.dtype else torch.empty_like(lr)  # roll's sums are queued: reuse it
+    # Added to padding before a masked min, subtracted before a masked max.
+    pad_big = (1.0 - m).mul_(_BIG) if level == "token" or options else None
+    if spec is not None:
+        weights = _is_weights(spec, level, seq_log, e_c, m, n, pad_big, scratch, rows)
+    else:
+        weights = None
+    keep = _rs_keep(lr, e_c, m, pad_big, scratch, options, bounds, rows) if options else None
+    if veto is not None:  # a response with any token ratio pi_train/pi_rollout < veto is rejected whole
+        catastrophic = _cmp(torch.lt, lr, math.log(veto)).mul_(m).sum(-1)
+        rows.add("veto", catastrophic)
+        keep_row = _cmp(torch.eq, catastrophic, 0.0).unsqueeze(-1)
+        keep = keep_row if keep is None else keep * keep_row
+    rs_mask = response_mask.clone() if keep is None else (response_mask * keep).to(response_mask.dtype)
+
+    h = rows.fetch()
+    metrics: dict[str, float] = {}
+    if spec is not None:
+        mu = _is_metrics(h, spec, level, n, metrics)
+        if rollout_is_batch_normalize:
+            if mu > 1e-8:
+                weights.div_(mu)
+            metrics["rollout_is_batch_norm_factor"] = mu if mu > 1e-8 else 1.0
     if options:
-        keep = keep & _rs_keep(lr, maskf, options, bounds, metrics)
+        _rs_metrics(h, options, bounds, dtype, n, metrics)
     if veto is not None:
-        keep = keep & _veto_keep(lr, maskf, veto, metrics)
-    rs_mask = (response_mask * keep).to(response_mask.dtype)
-    metrics.update(offpolicy_metrics(old_log_prob, rollout_log_prob, maskf, lr))
-    return weights, rs_mask, {PREFIX + k: v for k, v in to_floats(metrics).items()}
+        metrics["rollout_is_veto_fraction"] = (h["veto"] > 0).mean()
+        metrics["rollout_is_catastrophic_token_fraction"] = h["veto"].sum() / (n + 1e-8)
+    metrics.update(_diagnostics(h, n))
+    return weights, rs_mask, {PREFIX + k: float(v) for k, v in metrics.items()}

@@ -223,3 +223,71 @@ def test_option_parsing():
         parse_rs_thresholds(["token_k1", "token_k2"], "1,2,3")
     with pytest.raises(ValueError, match="lower"):
         parse_rs_thresholds(["token_k1"], "2_1")
+
+
+ALL_OPTIONS = dict(
+    rollout_is="token", rollout_is_threshold="0.5_2", rollout_is_batch_normalize=True,
+    rollout_rs="token_k1,token_k3,seq_sum_k1,seq_mean_k2,seq_max_k3,geometric", rollout_rs_threshold="3,0.5,4,1,2,1.5",
+    rollout_token_veto_threshold=0.05,
+)  # fmt: skip
+
+
+def random_batch(seed, B=6, T=11, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    lengths[0] = T
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    roll = -torch.rand(B, T, generator=g) * 3
+    return roll + scale * torch.randn(B, T, generator=g), roll, mask
+
+
+@pytest.mark.parametrize("pad", [float("-inf"), float("nan"), float("inf"), 7.0])
+def test_padding_values_never_change_any_output(pad):
+    # Finite padding takes the multiply-by-mask path, non-finite padding the masked_fill one: same outputs.
+    old, roll, mask = random_batch(0)
+    w0, rs0, m0 = rollout_correction(old, roll, mask, **ALL_OPTIONS)
+    padded_old, padded_roll = old.masked_fill(mask == 0, pad), roll.masked_fill(mask == 0, -pad)
+    w1, rs1, m1 = rollout_correction(padded_old, padded_roll, mask, **ALL_OPTIONS)
+    assert torch.equal(w0, w1) and torch.equal(rs0, rs1)
+    assert m1 == pytest.approx(m0, rel=1e-12, abs=1e-12)
+
+
+def test_nan_on_a_valid_token_shows_in_the_outputs():
+    old, roll, mask = batch([[0.1, 0.2, 0.0], [0.3, 0.0, 0.0]], [3, 2])
+    old[0, 1] = float("nan")
+    w, rs, m = rollout_correction(old, roll, mask, rollout_is="token", rollout_rs="token_k1", rollout_rs_threshold=2)
+    assert torch.isnan(w[0, 1]) and torch.isfinite(w[1]).all()
+    assert rs[0, 1] == 0 and rs[0, 0] == 1  # a NaN statistic fails the RS check
+    assert math.isnan(m[P + "kl"]) and math.isnan(m[P + "rollout_is_mean"])
+
+
+def test_dtypes_float64_inputs_and_bool_mask():
+    old, roll, mask = random_batch(1)
+    w, rs, m = rollout_correction(old, roll, mask, **ALL_OPTIONS)
+    w64, rs64, m64 = rollout_correction(old.double(), roll.double(), mask.double(), **ALL_OPTIONS)
+    assert w64.dtype == torch.float64 and rs64.dtype == torch.float64
+    assert torch.allclose(w.double(), w64, rtol=1e-6) and torch.equal(rs.double(), rs64)
+    assert m == pytest.approx(m64, rel=1e-5, abs=1e-7)
+    _, rs_bool, _ = rollout_correction(old, roll, mask.bool(), **ALL_OPTIONS)
+    assert rs_bool.dtype == torch.bool and torch.equal(rs_bool, rs.bool())
+
+
+def test_tiny_log_ratios_keep_k3_and_std_exact():
+    # |lr| ~ 1e-4: exp(lr) - 1 - lr ~ 5e-9 and the IS weights differ by ~1e-4, where fp32 formulas cancel.
+    g = torch.Generator().manual_seed(2)
+    roll = -torch.rand(4, 64, generator=g) * 3
+    old = roll + 1e-4 * torch.randn(4, 64, generator=g)
+    mask = torch.ones(4, 64)
+    _, _, m = rollout_correction(old, roll, mask, rollout_is="token", rollout_rs="token_k3", rollout_rs_threshold=1.0)
+    lr = (old.double() - roll.double()).flatten().tolist()  # exact: a difference of two fp32 numbers
+    lr32 = (old - roll).flatten().double()
+    k3 = [math.expm1(x) - x for x in lr32.tolist()]
+    assert m[P + "k3_kl"] == pytest.approx(statistics_mean(k3), rel=1e-6)
+    assert m[P + "rollout_rs_token_k3_mean"] == pytest.approx(statistics_mean(k3), rel=1e-5)
+    assert m[P + "kl"] == pytest.approx(-statistics_mean(lr), rel=1e-6)
+    w = torch.exp(lr32).float().double()  # the fp32 weights
+    assert m[P + "rollout_is_std"] == pytest.approx(w.std(unbiased=False).item(), rel=1e-4)
+
+
+def statistics_mean(values):
+    return math.fsum(values) / len(values)
