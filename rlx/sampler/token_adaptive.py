@@ -226,23 +226,18 @@ class TokenAdaptiveSampler(Sampler):
         # length is its failure point; a continuation's mask starts with its untrained prefix.
         failure_points = [len(r.response_ids) for r in rollouts if r.finish_reason == "truncated"]
         num_resamples = sum(1 for r in rollouts if r.response_mask is not None and r.mask[:1] == [0])
-        total = len(rollouts)
-        p = "adaptive/"
-        return {
-            **super().global_metrics(rollouts, local),
-            p + "truncation_rate": len(failure_points) / total if total else 0.0,
-            p + "resample_rate": num_resamples / total if total else 0.0,
-            p + "avg_failure_point": sum(failure_points) / len(failure_points) if failure_points else 0.0,
-            p + "total_rollouts": float(total),
-        }
+        return {**super().global_metrics(rollouts, local), **_rate_metrics(len(rollouts), failure_points, num_resamples)}
 
     def _metrics(self, batch: RolloutBatch, chains: list[_Chain], num_resamples: int) -> dict[str, float]:
         failure_points = [len(p.response_ids) for c in chains for p in c.pieces]
-        total = len(batch)
-        p = "adaptive/"
-        return {
-            p + "truncation_rate": len(failure_points) / total if total else 0.0,
-            p + "resample_rate": num_resamples / total if total else 0.0,
-            p + "avg_failure_point": sum(failure_points) / len(failure_points) if failure_points else 0.0,
-            p + "total_rollouts": float(total),
-        }
+        return _rate_metrics(len(batch), failure_points, num_resamples)
+
+
+def _rate_metrics(total: int, failure_points: list[int], num_resamples: int) -> dict[str, float]:
+    p = "adaptive/"
+    return {
+        p + "truncation_rate": len(failure_points) / total if total else 0.0,
+        p + "resample_rate": num_resamples / total if total else 0.0,
+        p + "avg_failure_point": sum(failure_points) / len(failure_points) if failure_points else 0.0,
+        p + "total_rollouts": float(total),
+    }

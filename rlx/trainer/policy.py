@@ -124,6 +124,20 @@ def scatter_rows(flat: torch.Tensor, pack: Pack, width: int) -> torch.Tensor:
     return out.index_put((pack.out_row.to(flat.device), pack.out_col.to(flat.device)), flat)
 
 
+def _forward_all(model: nn.Module, rollouts: Sequence[Rollout], head, *, device: torch.device, token_budget: int,
+                 dp_group: dist.ProcessGroup | None):  # fmt: skip
+    """Yield (pack, head(response hidden states [N, H], full output weight)) for every micro-batch
+    of `rollouts`, plus dummy forwards so every DP rank runs the same number (collectives)."""
+    packs = pack_rollouts(rollouts, token_budget)
+    for k in range(num_forwards(len(packs), dp_group)):
+        pack = packs[k] if k < len(packs) else dummy_pack()
+
+        def output_fn(hidden: torch.Tensor, weight: torch.Tensor, pack: Pack = pack):
+            return head(hidden.flatten(0, 1).index_select(0, pack.hidden_pos.to(device)), _full_weight(weight), pack)
+
+        yield pack, model(pack.input_ids.to(device), pack.position_ids.to(device), output_fn=output_fn)
+
+
 @torch.no_grad()
 def compute_logprobs(
     model: nn.Module,
@@ -138,11 +152,11 @@ def compute_logprobs(
     """`[B, T]` logprobs of every rollout's response tokens under `model` (no grad), fp32 on CPU."""
     width = max((len(r.response_ids) for r in rollouts), default=0)
     out = torch.zeros(len(rollouts), width)
-    packs = pack_rollouts(rollouts, token_budget)
-    total = num_forwards(len(packs), dp_group)
-    for k in range(total):
-        pack = packs[k] if k < len(packs) else dummy_pack()
-        lp, _ = pack_logprobs(model, pack, device, temperature=temperature, chunk_size=chunk_size, with_entropy=False)
+
+    def head(h, w, pack):
+        return logprobs_from_hidden(h, w, pack.labels.to(device), chunk_size=chunk_size, temperature=temperature)
+
+    for pack, lp in _forward_all(model, rollouts, head, device=device, token_budget=token_budget, dp_group=dp_group):
         if pack.rows:
             out[pack.rows] = scatter_rows(lp.float().cpu(), pack, width)
     return out
@@ -162,15 +176,12 @@ def compute_token_stats(
     """Exact (max_prob, entropy) of every response token under `model`'s sampling distribution
     (logits / temperature, full vocabulary), for the token-adaptive sampler."""
     results: list[tuple[list[float], list[float]]] = [([], []) for _ in rollouts]
-    packs = pack_rollouts(rollouts, token_budget)
-    for k in range(num_forwards(len(packs), dp_group)):
-        pack = packs[k] if k < len(packs) else dummy_pack()
 
-        def head(hidden: torch.Tensor, weight: torch.Tensor, pack: Pack = pack):
-            h = hidden.flatten(0, 1).index_select(0, pack.hidden_pos.to(device))
-            return _max_prob_entropy(h, _full_weight(weight), temperature, chunk_size)
+    def head(h, w, pack):
+        return _max_prob_entropy(h, w, temperature, chunk_size)
 
-        max_prob, entropy = model(pack.input_ids.to(device), pack.position_ids.to(device), output_fn=head)
+    for pack, (max_prob, entropy) in _forward_all(model, rollouts, head, device=device, token_budget=token_budget,
+                                                  dp_group=dp_group):  # fmt: skip
         max_prob, entropy = max_prob.cpu(), entropy.cpu()
         for j, i in enumerate(pack.rows):
             sel = pack.out_row == j
