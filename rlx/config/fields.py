@@ -149,7 +149,10 @@ def coerce(value: Any, tp: Any, key: str, metadata: typing.Mapping[str, Any] = {
     fields, a lone string becomes a one-element list for list fields. Raises ConfigError.
     """
     if isinstance(value, CliValue):
-        first, second = (value.text, value.parsed) if "_" in value.text else (value.parsed, value.text)
+        # TOML reads "0.5_2" as the number 0.52; a threshold meant as the "lo_hi" string must win.
+        # Only then is the raw text tried first: a list or path containing "_" parses as itself.
+        text_first = "_" in value.text and isinstance(value.parsed, (int, float)) and not isinstance(value.parsed, bool)
+        first, second = (value.text, value.parsed) if text_first else (value.parsed, value.text)
         try:
             return coerce(first, tp, key, metadata)
         except ConfigError:

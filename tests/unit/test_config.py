@@ -310,3 +310,9 @@ def test_section_accessor():
     assert cfg.section("loss") is cfg.loss
     with pytest.raises(ConfigError, match="unknown section 'lose'"):
         cfg.section("lose")
+
+
+def test_list_override_with_underscores_in_paths_parses_as_a_list():
+    cfg = load_config(None, ['--data.train_files=["/tmp/my_data/train_a.jsonl", "/x/b_c.jsonl"]'])
+    assert cfg.data.train_files == ["/tmp/my_data/train_a.jsonl", "/x/b_c.jsonl"]
+    assert load_config(None, ["--rollout_correction.rollout_is_threshold=0.5_2"]).rollout_correction.rollout_is_threshold == "0.5_2"
