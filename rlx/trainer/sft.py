@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -150,8 +150,12 @@ def split_validation(docs: list[Doc], fraction: float, seed: int) -> tuple[list[
 # ---- the loop ----------------------------------------------------------------------------------
 
 
-def run_sft(cfg: Any) -> Path:
-    """Train per a resolved `Config`; returns the HF directory written at the end (rank 0)."""
+def run_sft(cfg: Any, stop_fn: Callable[[int, torch.nn.Module], bool] | None = None) -> Path:
+    """Train per a resolved `Config`; returns the HF directory written at the end (rank 0).
+
+    `stop_fn(step, model)`, called after every step, ends training early when it returns True
+    (e.g. the quickstart stops its warm start at a target accuracy). It must answer the same on
+    every rank."""
     from rlx.checkpoint import Checkpointer, load_model_weights, save_hf_from_sharded
     from rlx.config import save_resolved
     from rlx.metrics import MetricLogger
@@ -226,8 +230,13 @@ def run_sft(cfg: Any) -> Path:
                 val = f" | val_loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""
                 print(f"sft step {step}/{total_steps} | loss {m['loss']:.4f}{val} | lr {m['lr']:.2e} "
                       f"| {metrics['train/tokens_per_s']:.0f} tok/s", flush=True)  # fmt: skip
-            if ckpt.should_save(step, total_steps):
+            stop = stop_fn is not None and stop_fn(step, model)
+            if ckpt.should_save(step, total_steps) or (stop and cfg.checkpoint.enable):
                 ckpt.save(step, data_state=position)
+            if stop:
+                if main:
+                    print(f"rlx sft: stopped early at step {step}", flush=True)
+                break
     ckpt.close()
     out = Path(cfg.run_dir) / "hf"
     save_hf_from_sharded(model, out, cfg.model.path)
