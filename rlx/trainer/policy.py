@@ -12,7 +12,7 @@ so the callers pad with a 1-token dummy row; `num_forwards` agrees on that numbe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -200,5 +200,3 @@ def _max_prob_entropy(h: torch.Tensor, w: torch.Tensor, temperature: float, chun
         return h.new_zeros(0, dtype=torch.float32), h.new_zeros(0, dtype=torch.float32)
     return torch.cat(max_probs), torch.cat(entropies)
 
-
-StatsFn = Callable[[Sequence[Rollout]], list[tuple[list[float], list[float]]]]
