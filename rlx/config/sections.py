@@ -228,6 +228,14 @@ class RewardConfig:
     """Ray cluster address for backend=ray; empty starts a local Ray."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments passed to the reward function."""
+    max_failure_fraction: float = ranged(0.5, ge=0.0, le=1.0)
+    """Stop the run when more than this fraction of a step's rollouts fail to score ..."""
+    max_failed_steps: int = ranged(3, ge=1)
+    """... for this many consecutive steps (the error names the function and its first failure)."""
+    worker_memory_mb: int = ranged(0, ge=0)
+    """process backend: address-space limit per scoring worker (RLIMIT_AS), MiB; 0 means no limit."""
+    worker_cpu_seconds: int = ranged(0, ge=0)
+    """process backend: CPU-time limit per scoring worker (RLIMIT_CPU), seconds; 0 means no limit."""
 
     def validate(self) -> None:
         check_import_path(self.fn, "fn", REWARD_FNS, "reward function")

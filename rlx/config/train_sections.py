@@ -54,6 +54,8 @@ class LossConfig:
     """Packed tokens per forward/backward micro-batch on each rank."""
     logprob_chunk_size: int = ranged(1024, ge=1)
     """Tokens per chunk when computing logprobs/entropy from hidden states."""
+    logprob_backend: str = "auto"
+    """Logprob/entropy kernel (rlx.algorithms.LOGPROB_BACKENDS): auto picks per device (triton on CUDA, torch on CPU)."""
 
 
 @dataclass
@@ -169,6 +171,8 @@ class CheckpointConfig:
     """auto (latest checkpoint in dir, if any), none (start fresh), or a checkpoint path."""
     init_from: str = ""
     """Warm-start weights from an HF directory or a DCP checkpoint (weights only, step 0)."""
+    save_on_signal: bool = True
+    """On SIGTERM/SIGINT, finish the current step and save a checkpoint before exiting (when enable)."""
 
 
 @dataclass
