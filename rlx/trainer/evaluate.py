@@ -272,8 +272,8 @@ def run(cfg: Config, opts: EvalOptions) -> dict | None:
         return None
     sums["dropped_prompts"] += prompts.num_filtered  # over max_prompt_length: dropped when loading
     files = cfg.data.val_files if opts.split == "val" else cfg.data.train_files
-    summary = {**summarize(sums, gen.val_n), "temperature": gen.val_temperature, "model": hf_dir,
-               "checkpoint": str(dcp) if dcp else None, "step": step, "split": opts.split, "files": list(files),
+    summary = {**summarize(sums, gen.val_n), "temperature": gen.val_temperature, "model": os.path.abspath(hf_dir),
+               "checkpoint": os.path.abspath(dcp) if dcp else None, "step": step, "split": opts.split, "files": list(files),
                "samples": str(out_dir / "samples.jsonl"), "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
     write_outputs(out_dir, records, summary)
     logger.info("wrote %d samples to %s", len(records), out_dir / "samples.jsonl")

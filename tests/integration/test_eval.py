@@ -1,11 +1,12 @@
 """`rlx eval` end to end with a tiny char-level model and the real vLLM engine (CPU).
 
 One DCP checkpoint is written the way `rlx train` writes them (Checkpointer, weights moved far from
-model.path) and exported with `rlx export`. Two evals, one engine each: the export (an HF directory
-given as --checkpoint) and the DCP checkpoint (given as its run directory). Requests are seeded per
-prompt, so both must produce the same samples, which proves the DCP weights reached the engine. The
-first eval's JSON line is checked against metrics recomputed from its samples.jsonl. The user-error
-tests stop before any engine is built.
+model.path) and exported with `rlx export`. Two evals: the export (an HF directory given as
+--checkpoint, one process) and the DCP checkpoint (given as its run directory, torchrun with two
+ranks). Requests are seeded per prompt, so both must produce the same samples, which proves the DCP
+weights reached the engines and that sharding the prompts over ranks changes nothing. The first
+eval's JSON line is checked against metrics recomputed from its samples.jsonl. The user-error tests
+stop before any engine is built.
 """
 
 from __future__ import annotations
@@ -138,19 +139,30 @@ def test_eval_prints_one_summary_line_consistent_with_samples(setup, exported_ev
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_eval_of_dcp_checkpoint_matches_its_hf_export(setup, exported_eval, parity_reward_dir):
-    # The run directory resolves to its latest complete checkpoint; model.path (the base model)
-    # gives the architecture and the engine's starting weights, replaced by the checkpoint's.
-    proc = rlx_eval(f"--config={setup['config']}", f"--checkpoint={setup['trained']}", env=train_env(parity_reward_dir))
-    summary = json.loads(proc.stdout.splitlines()[-1])
+def test_eval_of_dcp_checkpoint_under_torchrun_matches_its_hf_export(setup, exported_eval, parity_reward_dir):
+    # Two ranks: the policy is FSDP-sharded over both, DCP reshards the checkpoint onto it, weight
+    # sync gathers it into each rank's engine, each engine evaluates every other prompt, rank 0
+    # gathers. Seeded requests make the samples independent of the world size. The run directory
+    # resolves to its latest complete checkpoint; model.path (the base model) gives the architecture
+    # and the engines' starting weights, which the checkpoint's replace.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rlx.cli", "eval",
+           f"--config={setup['config']}", f"--checkpoint={setup['trained']}"]  # fmt: skip
+    proc = subprocess.run(cmd, env=train_env(parity_reward_dir), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout[-2000:]  # rank 0 prints, other ranks stay quiet
+    summary = json.loads(lines[0])
     assert summary["checkpoint"] == str(setup["trained"] / "checkpoints" / f"step-{STEP}")
     assert summary["step"] == STEP and summary["model"] == str(setup["base"])
     default_out = setup["root"] / "runs" / "tiny-eval" / "eval"  # <job.output_dir>/<job.name>/eval
     assert summary["samples"] == str(default_out / "samples.jsonl")
 
     reference = json.loads(exported_eval[0].stdout)
-    ignore = {"model", "checkpoint", "step", "samples", "seconds"}
-    assert {k: v for k, v in summary.items() if k not in ignore} == {k: v for k, v in reference.items() if k not in ignore}
+    for key in SUMMARY_KEYS - {"model", "checkpoint", "step", "samples", "seconds"}:
+        if isinstance(reference[key], float):  # sums all-reduced in another order: last-bit differences
+            assert summary[key] == pytest.approx(reference[key], rel=1e-12), key
+        else:
+            assert summary[key] == reference[key], key
     fields = lambda rows: [(r["uid"], r["sample"], r["response"], r["reward"]) for r in rows]  # noqa: E731
     assert fields(read_jsonl(default_out / "samples.jsonl")) == fields(read_jsonl(exported_eval[1] / "samples.jsonl"))
 
