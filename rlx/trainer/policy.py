@@ -1,10 +1,10 @@
 """Policy forward passes over rollouts: packing, per-token logprobs/entropy, exact token stats.
 
 Rollouts (prompt + response) are grouped into right-padded micro-batches up to a token budget, run
-through the model, and the
-response tokens' logprobs are computed from hidden states chunk by chunk (`logprobs_from_hidden`),
-never as a full [T, V] logits tensor. Results come back in the flat `[B, T]` layout of the loss
-stage: row i is rollout i, column t its t-th response token.
+through the model, and the response tokens' logprobs are computed from hidden states chunk by chunk
+(`logprobs_from_hidden`), never as a full [T, V] logits tensor, and under TP on each rank's vocabulary
+shard of the lm_head. Results come back in the flat `[B, T]` layout of the loss stage: row i is
+rollout i, column t its t-th response token.
 
 Every data-parallel rank must run the same number of forwards (FSDP all-gathers are collectives),
 so the callers pad with a 1-token dummy row; `num_forwards` agrees on that number.
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from rlx.algorithms import logprobs_from_hidden
+from rlx.algorithms.logprobs import logprobs_from_hidden, token_stats_from_hidden
 from rlx.types import Rollout
 
 
@@ -98,21 +98,36 @@ def num_forwards(local: int, group: dist.ProcessGroup | None) -> int:
     return int(t)
 
 
-def _full_weight(weight: torch.Tensor) -> torch.Tensor:
-    # Under TP the lm_head weight is a DTensor sharded on the vocabulary; full_tensor() is a
-    # differentiable all-gather, so the weight gradient flows back to each rank's shard.
-    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+def local_weight(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of the `[V, H]` output weight: its vocabulary shard under TP (`to_local()`, a
+    differentiable view whose gradient lands in the DTensor), the weight itself otherwise. Never gathers."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+# Old name, still imported by the update's dummy backward (a zero loss through every parameter), which
+# needs only a plain tensor: the local shard serves, so even that path never gathers the full lm_head.
+_full_weight = local_weight
 
 
 def pack_logprobs(
-    model: nn.Module, pack: Pack, device: torch.device, *, temperature: float, chunk_size: int, with_entropy: bool
+    model: nn.Module,
+    pack: Pack,
+    device: torch.device,
+    *,
+    temperature: float,
+    chunk_size: int,
+    with_entropy: bool,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logprobs (and entropy) of the pack's response tokens, flat `[N]` (differentiable)."""
+    """Logprobs (and entropy) of the pack's response tokens, flat `[N]` (differentiable).
+
+    The output weight goes to the kernel as the model holds it: under TP a vocabulary-sharded DTensor,
+    so each rank computes on its shard (rlx.kernels) and the full lm_head is never gathered."""
 
     def head(hidden: torch.Tensor, weight: torch.Tensor):
         h = hidden.flatten(0, 1).index_select(0, pack.hidden_pos.to(device))
-        return logprobs_from_hidden(h, _full_weight(weight), pack.labels.to(device), chunk_size=chunk_size,
-                                    temperature=temperature, return_entropy=with_entropy)  # fmt: skip
+        return logprobs_from_hidden(h, weight, pack.labels.to(device), chunk_size=chunk_size, temperature=temperature,
+                                    return_entropy=with_entropy, backend=backend)  # fmt: skip
 
     out = model(pack.input_ids.to(device), pack.position_ids.to(device), output_fn=head)
     return out if with_entropy else (out, None)
@@ -126,14 +141,16 @@ def scatter_rows(flat: torch.Tensor, pack: Pack, width: int) -> torch.Tensor:
 
 def _forward_all(model: nn.Module, rollouts: Sequence[Rollout], head, *, device: torch.device, token_budget: int,
                  dp_group: dist.ProcessGroup | None):  # fmt: skip
-    """Yield (pack, head(response hidden states [N, H], full output weight)) for every micro-batch
-    of `rollouts`, plus dummy forwards so every DP rank runs the same number (collectives)."""
+    """Yield (pack, head(response hidden states [N, H], output weight as the model holds it)) for every
+    micro-batch of `rollouts`, plus dummy forwards so every DP rank runs the same number (collectives).
+    Under TP the weight is the vocabulary-sharded DTensor: heads pass it to the vocabulary-parallel
+    kernels, and every TP rank of a DP group runs the same packs, so their all-reduces pair up."""
     packs = pack_rollouts(rollouts, token_budget)
     for k in range(num_forwards(len(packs), dp_group)):
         pack = packs[k] if k < len(packs) else dummy_pack()
 
         def output_fn(hidden: torch.Tensor, weight: torch.Tensor, pack: Pack = pack):
-            return head(hidden.flatten(0, 1).index_select(0, pack.hidden_pos.to(device)), _full_weight(weight), pack)
+            return head(hidden.flatten(0, 1).index_select(0, pack.hidden_pos.to(device)), weight, pack)
 
         yield pack, model(pack.input_ids.to(device), pack.position_ids.to(device), output_fn=output_fn)
 
@@ -148,13 +165,16 @@ def compute_logprobs(
     temperature: float,
     chunk_size: int,
     dp_group: dist.ProcessGroup | None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """`[B, T]` logprobs of every rollout's response tokens under `model` (no grad), fp32 on CPU."""
+    """`[B, T]` logprobs of every rollout's response tokens under `model` (no grad), fp32 on CPU.
+    `backend`: a `loss.logprob_backend` name (rlx.algorithms.LOGPROB_BACKENDS or "auto")."""
     width = max((len(r.response_ids) for r in rollouts), default=0)
     out = torch.zeros(len(rollouts), width)
 
     def head(h, w, pack):
-        return logprobs_from_hidden(h, w, pack.labels.to(device), chunk_size=chunk_size, temperature=temperature)
+        return logprobs_from_hidden(h, w, pack.labels.to(device), chunk_size=chunk_size, temperature=temperature,
+                                    backend=backend)  # fmt: skip
 
     for pack, lp in _forward_all(model, rollouts, head, device=device, token_budget=token_budget, dp_group=dp_group):
         if pack.rows:
@@ -172,13 +192,15 @@ def compute_token_stats(
     temperature: float,
     chunk_size: int,
     dp_group: dist.ProcessGroup | None,
+    backend: str = "auto",
 ) -> list[tuple[list[float], list[float]]]:
     """Exact (max_prob, entropy) of every response token under `model`'s sampling distribution
-    (logits / temperature, full vocabulary), for the token-adaptive sampler."""
+    (logits / temperature, full vocabulary), for the token-adaptive sampler. Vocabulary-parallel
+    under TP like `compute_logprobs` (max_prob = exp(max logit - logsumexp), all-reduced)."""
     results: list[tuple[list[float], list[float]]] = [([], []) for _ in rollouts]
 
     def head(h, w, pack):
-        return _max_prob_entropy(h, w, temperature, chunk_size)
+        return _max_prob_entropy(h, w, temperature, chunk_size, backend)
 
     for pack, (max_prob, entropy) in _forward_all(model, rollouts, head, device=device, token_budget=token_budget,
                                                   dp_group=dp_group):  # fmt: skip
@@ -189,14 +211,5 @@ def compute_token_stats(
     return results
 
 
-def _max_prob_entropy(h: torch.Tensor, w: torch.Tensor, temperature: float, chunk: int):
-    max_probs, entropies = [], []
-    for s in range(0, h.shape[0], chunk):
-        logits = (h[s : s + chunk] @ w.T).float() / temperature
-        logp = torch.log_softmax(logits, dim=-1)
-        max_probs.append(logp.max(dim=-1).values.exp())
-        entropies.append(-(logp.exp() * logp).sum(dim=-1))
-    if not max_probs:
-        return h.new_zeros(0, dtype=torch.float32), h.new_zeros(0, dtype=torch.float32)
-    return torch.cat(max_probs), torch.cat(entropies)
-
+def _max_prob_entropy(h: torch.Tensor, w: torch.Tensor, temperature: float, chunk: int, backend: str = "auto"):
+    return token_stats_from_hidden(h, w, chunk_size=chunk, temperature=temperature, backend=backend)
