@@ -28,13 +28,20 @@ from rlx.algorithms.losses import (
     entropy_loss,
     policy_loss,
 )
-from rlx.algorithms.rollout_correction import offpolicy_metrics, rollout_correction
+from rlx.algorithms.rollout_correction import (
+    CorrectionTerms,
+    RolloutCorrection,
+    offpolicy_metrics,
+    rollout_correction,
+)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "LOGPROB_BACKENDS",
     "LOSS_AGG_MODES",
+    "CorrectionTerms",
+    "RolloutCorrection",
     "POLICY_LOSSES",
     "agg_loss",
     "bypass_policy_loss",

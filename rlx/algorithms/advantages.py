@@ -5,6 +5,7 @@ Each turns `token_level_rewards [B, T]` into per-token advantages `[B, T]`; `ADV
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -102,29 +103,30 @@ def reinforce_pp_baseline_advantages(
     return masked_whiten(tiled, maskf) * maskf
 
 
-# ---- registry: uniform signature (rewards, mask, group_ids, **cfg) -> (advantages, returns) -------------
+# ---- registry: uniform signature (rewards, mask, group_ids, **options) -> (advantages, returns) ---------
+# Each entry takes exactly its own options: a keyword it does not define is an error, never ignored.
 
 
-def _grpo(rewards, mask, group_ids, *, norm_adv_by_std_in_grpo: bool = True, eps: float = 1e-6, **_):
-    adv = grpo_advantages(rewards, mask, group_ids, norm_by_std=norm_adv_by_std_in_grpo, eps=eps)
+def _grpo(rewards, mask, group_ids, *, norm_by_std: bool = True, eps: float = 1e-6):
+    adv = grpo_advantages(rewards, mask, group_ids, norm_by_std=norm_by_std, eps=eps)
     return adv, adv
 
 
-def _dr_grpo(rewards, mask, group_ids, **_):
-    adv = grpo_advantages(rewards, mask, group_ids, norm_by_std=False)
+def _dr_grpo(rewards, mask, group_ids, *, eps: float = 1e-6):
+    adv = grpo_advantages(rewards, mask, group_ids, norm_by_std=False, eps=eps)
     return adv, adv
 
 
-def _rloo(rewards, mask, group_ids, **_):
+def _rloo(rewards, mask, group_ids):
     adv = rloo_advantages(rewards, mask, group_ids)
     return adv, adv
 
 
-def _reinforce_pp(rewards, mask, group_ids=None, *, gamma: float = 1.0, **_):
+def _reinforce_pp(rewards, mask, group_ids=None, *, gamma: float = 1.0):
     return reinforce_pp_advantages(rewards, mask, gamma=gamma)
 
 
-def _reinforce_pp_baseline(rewards, mask, group_ids, **_):
+def _reinforce_pp_baseline(rewards, mask, group_ids):
     adv = reinforce_pp_baseline_advantages(rewards, mask, group_ids)
     return adv, adv
 
@@ -138,16 +140,26 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]
 }
 
 
+def estimator_options(name: str) -> list[str]:
+    """The keyword options estimator `name` accepts (e.g. grpo: eps, norm_by_std)."""
+    params = inspect.signature(ADVANTAGE_ESTIMATORS[name]).parameters.values()
+    return sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
 def compute_advantages(
-    name: str, token_level_rewards: torch.Tensor, response_mask: torch.Tensor, group_ids=None, **cfg
+    name: str, token_level_rewards: torch.Tensor, response_mask: torch.Tensor, group_ids=None, **options
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Look up estimator `name` and run it; unknown config keys are ignored by the estimators that don't use them."""
+    """Look up estimator `name` and run it with `options`; an option it does not define is a ValueError."""
     try:
         fn = ADVANTAGE_ESTIMATORS[name]
     except KeyError:
         raise ValueError(
             f"unknown advantage estimator {name!r}; valid names: {sorted(ADVANTAGE_ESTIMATORS)}"
         ) from None
+    unknown = sorted(set(options) - set(estimator_options(name)))
+    if unknown:
+        raise ValueError(f"advantage estimator {name!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {estimator_options(name) or 'none'}")  # fmt: skip
     if group_ids is None and name != "reinforce_pp":
         raise ValueError(f"advantage estimator {name!r} needs group_ids (one label per response)")
-    return fn(token_level_rewards, response_mask, group_ids, **cfg)
+    return fn(token_level_rewards, response_mask, group_ids, **options)

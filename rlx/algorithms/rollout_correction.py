@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 
 from rlx.algorithms.core import FLOAT64_EXP_BOUND, SAFETY_BOUND
 from rlx.config.rollout_correction_options import (
-    RATIO_MODES, TOKEN_LEVEL_RS_OPTIONS, is_ratio_bounded, parse_is_level, parse_is_mode, parse_is_threshold,
+    RATIO_MODES, SEQ_RATIO_BOUNDS, TOKEN_LEVEL_RS_OPTIONS, is_ratio_bounded, is_ratio_statistic, parse_is_level, parse_is_mode, parse_is_threshold,
     parse_rs_options, parse_rs_thresholds, parse_veto_threshold,
 )  # fmt: skip
 
@@ -211,7 +212,9 @@ def _is_weights(spec, level, seq_log, e_c, m, n, pad_big, scratch, rows):
     rows.add("is_w", w_rows)
     # The std from E[w^2] - E[w]^2 in fp32 loses everything to cancellation when the weights are close together;
     # centring on the batch mean first (a device scalar, no sync) keeps it: var = E[d^2] - E[d]^2, d = w - mean.
-    d = torch.sub(w, w_rows.sum() / n, out=scratch).mul_(m)
+    centre = w_rows.sum() / n
+    d = torch.sub(w, centre, out=scratch).mul_(m)
+    rows.add("is_c", centre.expand_as(w_rows))  # merged pieces are re-centred on the batch mean (_merge_rows)
     rows.sum("is_d", d)
     rows.sum("is_d2", d.square_())
     rows.add("is_max", w.amax(-1))  # w >= 0 and padding is 0: the masked max of every non-empty row
@@ -270,8 +273,8 @@ def _is_metrics(h, spec, level, n, metrics):
 
 def _rs_token_statistic(option, x, e_c, cache):
     """Per-token statistic `[B, T]` of an RS option (zero on padding, where x = 0)."""
-    if option in RATIO_MODES:
-        return x  # ratio modes bound log(pi_train / pi_rollout)
+    if option in RATIO_MODES or option in SEQ_RATIO_BOUNDS:
+        return x  # ratio options bound log(pi_train / pi_rollout)
     kind = option[-2:]
     if kind not in cache:  # k1 = -x, k2 = x^2/2, k3 = e^x - 1 - x (x clamped to +-20)
         if kind == "k1":
@@ -283,6 +286,13 @@ def _rs_token_statistic(option, x, e_c, cache):
     return cache[kind]
 
 
+def _log_bounds(option, lo, hi):
+    """(lower, upper) in the statistic's own space: ratio options compare log ratios; k2/k3 their value."""
+    if not is_ratio_statistic(option):
+        return None, hi
+    return (None if lo is None else math.log(lo)), math.log(hi)
+
+
 def _rs_keep(lr, e_c, m, pad_big, scratch, options, bounds, rows):
     """Combined keep `[B, T]` or `[B, 1]` (0/1, not masked): every option must pass. Queues the metric rows.
 
@@ -292,7 +302,7 @@ def _rs_keep(lr, e_c, m, pad_big, scratch, options, bounds, rows):
     keep_all = None
     for option, (lo, hi) in zip(options, bounds):
         token = _rs_token_statistic(option, x, e_c, cache)
-        lo_s, hi_s = (math.log(lo), math.log(hi)) if is_ratio_bounded(option) else (None, hi)  # k1: log space
+        lo_s, hi_s = _log_bounds(option, lo, hi)
         key = f"rs/{option}/"
         if option in TOKEN_LEVEL_RS_OPTIONS:
             keep = _within(token, lo_s, hi_s, scratch)
@@ -313,6 +323,8 @@ def _rs_keep(lr, e_c, m, pad_big, scratch, options, bounds, rows):
                 seq = token.sum(-1)
             elif option.startswith("seq_mean") or option == "geometric":  # geometric: log geometric-mean ratio
                 seq = token.sum(-1) / (m.sum(-1) + 1e-8)
+            elif option == "seq_min_ratio":  # masked min; an empty row gets +_BIG, which no metric reads
+                seq = torch.add(token, pad_big, out=scratch).amin(-1)
             else:  # masked max; an empty row gets -_BIG, which no metric reads
                 seq = torch.sub(token, pad_big, out=scratch).amax(-1)
             keep_row = _within(seq, lo_s, hi_s, torch.empty_like(seq))
@@ -338,7 +350,7 @@ def _rs_option_metrics(p, h, key, lo, hi, n, m):
         m[f"{p}_max"], m[f"{p}_min"] = row_vals.max(), row_vals.min()
         m[f"{p}_fraction_high"] = (row_vals > hi).mean()
         m[f"{p}_fraction_low"] = (row_vals < lo).mean() if lo is not None else 0.0
-        clamped = np.clip(seq, lo if lo is not None else 0.0, hi)
+        clamped = np.clip(seq, lo if lo is not None else (-np.inf if key.endswith("_ratio/") else 0.0), hi)
         c_sum, c2_sum = (clamped * L).sum(), (clamped**2 * L).sum()
         rejected = (1.0 - h[key + "keep"]) * L  # rejected valid tokens per row
     else:
@@ -367,85 +379,156 @@ def _rs_metrics(h, options, bounds, dtype, n, metrics):
         return None if v is None else torch.tensor(v, dtype=dtype).item()
 
     for option, (lo, hi) in zip(options, bounds):
-        lo_s, hi_s = (math.log(lo), math.log(hi)) if is_ratio_bounded(option) else (None, hi)
+        lo_s, hi_s = _log_bounds(option, lo, hi)
         _rs_option_metrics(f"rollout_rs_{option}", h, f"rs/{option}/", rounded(lo_s), rounded(hi_s), n, metrics)
     rejected = h["len"] - h["rs/kept"]
     metrics["rollout_rs_masked_fraction"] = rejected.sum() / (n + 1e-8)
     metrics["rollout_rs_seq_masked_fraction"] = (rejected > 0).mean()  # over all rows, empty ones included
 
 
-@torch.no_grad()
+@dataclass
+class CorrectionTerms:
+    """What `RolloutCorrection.terms` computes on one batch (or one micro-batch of it).
+
+    weights: IS weights `[B, T]` before batch normalization (None without IS); rs_mask: the loss mask after
+    rejection sampling and the veto; rows: the per-row reductions every metric is derived from (host arrays
+    `[B]`), which concatenate across micro-batches and ranks into those of the whole batch."""
+
+    weights: torch.Tensor | None
+    rs_mask: torch.Tensor
+    rows: dict[str, np.ndarray]
+
+
+class RolloutCorrection:
+    """Rollout correction with its options parsed once: `terms` on the device per (micro-)batch, `metrics`
+    on the host from the rows of any number of pieces. `__call__` does both on one batch (the public
+    `rollout_correction` function).
+
+    Splitting matters in bypass mode: the IS weights there are functions of pi_theta, known one micro-batch at
+    a time during the update, while the batch normalizer and the metrics are batch quantities. Every metric
+    is a function of per-row reductions, so the rows of all micro-batches (and DP ranks) give the batch's
+    exact metrics and normalizer, wherever the terms were computed."""
+
+    def __init__(self, *, rollout_is: str | None = None, rollout_is_threshold: float | str | None = 2.0,
+                 rollout_is_batch_normalize: bool = False, rollout_rs: str | None = None,
+                 rollout_rs_threshold: float | str | None = None, rollout_token_veto_threshold: float | None = None,
+                 rollout_is_threshold_lower: float | None = None, rollout_is_mode: str = "truncate",
+                 rollout_rs_threshold_lower: float | None = None):  # fmt: skip
+        self.level = parse_is_level(rollout_is)
+        self.options = parse_rs_options(rollout_rs)
+        self.bounds = parse_rs_thresholds(self.options, rollout_rs_threshold, rollout_rs_threshold_lower) \
+            if self.options else []  # fmt: skip
+        if rollout_rs_threshold_lower is not None and not any(is_ratio_bounded(o) for o in self.options):
+            warnings.warn("rollout_rs_threshold_lower is ignored: no ratio-bounded rollout_rs option (k1, token, "
+                          "sequence, geometric, seq_*_ratio) is set", stacklevel=2)  # fmt: skip
+        self.veto = parse_veto_threshold(rollout_token_veto_threshold)
+        self.spec = None
+        if self.level is not None and rollout_is_threshold is not None:
+            self.spec = _ISSpec.parse(rollout_is_threshold, rollout_is_threshold_lower, rollout_is_mode)
+        self.batch_normalize = bool(rollout_is_batch_normalize)
+        self.dtype = torch.float32  # of the log-probs seen by `terms` (RS metrics round thresholds to it)
+
+    @property
+    def has_weights(self) -> bool:
+        return self.spec is not None
+
+    @property
+    def normalizes(self) -> bool:
+        """True when the IS weights are rescaled by a batch quantity (rollout_is_batch_normalize)."""
+        return self.spec is not None and self.batch_normalize
+
+    @torch.no_grad()
+    def terms(self, old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
+              response_mask: torch.Tensor) -> CorrectionTerms:  # fmt: skip
+        """IS weights (not yet batch-normalized), RS mask and metric rows of pi_train (`old_log_prob`) vs
+        pi_rollout; inputs `[B, T]`. Two host syncs: the input check and one fetch of the rows."""
+        if old_log_prob.shape != rollout_log_prob.shape or old_log_prob.shape != response_mask.shape:
+            raise ValueError(
+                f"shape mismatch: old_log_prob {tuple(old_log_prob.shape)}, rollout_log_prob "
+                f"{tuple(rollout_log_prob.shape)}, response_mask {tuple(response_mask.shape)}"
+            )
+        dtype = old_log_prob.dtype if old_log_prob.dtype.is_floating_point else torch.float32
+        self.dtype = dtype
+        roll, lr, lr64, seq_exact, m, lengths, n = _prepare(old_log_prob, rollout_log_prob, response_mask, dtype)
+        rows = _Rows()
+        rows.add("len", lengths)
+        seq_log, e_c = _diagnostic_rows(roll, lr, lr64, seq_exact, rows)
+        scratch = roll if roll.dtype == lr.dtype else torch.empty_like(lr)  # roll's sums are queued: reuse it
+        # Added to padding before a masked min, subtracted before a masked max.
+        pad_big = (1.0 - m).mul_(_BIG) if self.level == "token" or self.options else None
+        weights = None
+        if self.spec is not None:
+            weights = _is_weights(self.spec, self.level, seq_log, e_c, m, n, pad_big, scratch, rows)
+        keep = _rs_keep(lr, e_c, m, pad_big, scratch, self.options, self.bounds, rows) if self.options else None
+        if self.veto is not None:  # a response with any token ratio pi_train/pi_rollout < veto is rejected whole
+            catastrophic = _cmp(torch.lt, lr, math.log(self.veto)).mul_(m).sum(-1)
+            rows.add("veto", catastrophic)
+            keep_row = _cmp(torch.eq, catastrophic, 0.0).unsqueeze(-1)
+            keep = keep_row if keep is None else keep * keep_row
+        rs_mask = response_mask.clone() if keep is None else (response_mask * keep).to(response_mask.dtype)
+        return CorrectionTerms(weights, rs_mask, rows.fetch())
+
+    def metrics(self, rows: dict[str, np.ndarray] | Sequence[dict[str, np.ndarray]]) -> tuple[dict[str, float], float]:
+        """(metrics keyed `rollout_corr/...`, batch-norm factor) from the rows of one batch or of its pieces
+        (micro-batches, ranks) in any order. The factor is 1.0 unless the weights are batch-normalized."""
+        h = _merge_rows(rows)
+        n = float(h["len"].sum())
+        if n == 0:
+            raise ValueError("rollout_correction: response_mask must contain at least one valid token")
+        metrics: dict[str, float] = {}
+        factor = 1.0
+        if self.spec is not None:
+            mu = _is_metrics(h, self.spec, self.level, n, metrics)
+            if self.batch_normalize:
+                factor = float(mu) if mu > 1e-8 else 1.0
+                metrics["rollout_is_batch_norm_factor"] = factor
+        if self.options:
+            _rs_metrics(h, self.options, self.bounds, self.dtype, n, metrics)
+        if self.veto is not None:
+            metrics["rollout_is_veto_fraction"] = (h["veto"] > 0).mean()
+            metrics["rollout_is_catastrophic_token_fraction"] = h["veto"].sum() / (n + 1e-8)
+        metrics.update(_diagnostics(h, n))
+        return {PREFIX + k: float(v) for k, v in metrics.items()}, factor
+
+    def __call__(self, old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor):
+        """`terms` + `metrics` on one batch, weights batch-normalized: (is_weights or None, rs_mask, metrics)."""
+        t = self.terms(old_log_prob, rollout_log_prob, response_mask)
+        metrics, factor = self.metrics(t.rows)
+        if t.weights is not None and factor != 1.0:
+            t.weights.div_(factor)
+        return t.weights, t.rs_mask, metrics
+
+
+def _merge_rows(rows: dict[str, np.ndarray] | Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate the row arrays of several pieces. Token-level IS rows hold sums of (w - c) and (w - c)^2
+    around each piece's own centre c (`is_c`); they are re-centred on the merged mean, exactly, so the
+    variance keeps its cancellation-free form."""
+    if isinstance(rows, dict):
+        return rows
+    h = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    if "is_c" in h:
+        n = h["len"].sum()
+        shift = h["is_c"] - h["is_w"].sum() / max(n, 1e-30)  # old centre - new centre, per row
+        d = h["is_d"]
+        h["is_d2"] = h["is_d2"] + 2.0 * shift * d + h["len"] * shift**2
+        h["is_d"] = d + h["len"] * shift
+        h["is_c"] = h["is_c"] - shift
+    return h
+
+
 def rollout_correction(
     old_log_prob: torch.Tensor,
     rollout_log_prob: torch.Tensor,
     response_mask: torch.Tensor,
-    *,
-    rollout_is: str | None = None,
-    rollout_is_threshold: float | str | None = 2.0,
-    rollout_is_batch_normalize: bool = False,
-    rollout_rs: str | None = None,
-    rollout_rs_threshold: float | str | None = None,
-    rollout_token_veto_threshold: float | None = None,
-    rollout_is_threshold_lower: float | None = None,
-    rollout_is_mode: str = "truncate",
-    rollout_rs_threshold_lower: float | None = None,
+    **options,
 ) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, float]]:
     """IS weights, rejection mask and metrics for pi_train (`old_log_prob`) vs pi_rollout. Inputs `[B, T]`,
-    response_mask `{0, 1}`.
+    response_mask `{0, 1}`. `options`: the keyword arguments of `RolloutCorrection` (rollout_is,
+    rollout_is_threshold, rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold,
+    rollout_rs_threshold_lower, rollout_token_veto_threshold, rollout_is_threshold_lower, rollout_is_mode).
 
     Returns (is_weights `[B, T]` fp32 detached or None, rs_mask `[B, T]` in response_mask's dtype, metrics
     with Python-float values, every key prefixed `rollout_corr/`). RS and veto never zero the IS weights:
     the trainer applies the mask as the loss mask. See README "Rollout correction" for every option.
-    Two host syncs: the input check and one fetch of all metric rows.
     """
-    if old_log_prob.shape != rollout_log_prob.shape or old_log_prob.shape != response_mask.shape:
-        raise ValueError(
-            f"shape mismatch: old_log_prob {tuple(old_log_prob.shape)}, rollout_log_prob "
-            f"{tuple(rollout_log_prob.shape)}, response_mask {tuple(response_mask.shape)}"
-        )
-    dtype = old_log_prob.dtype if old_log_prob.dtype.is_floating_point else torch.float32
-    roll, lr, lr64, seq_exact, m, lengths, n = _prepare(old_log_prob, rollout_log_prob, response_mask, dtype)
-    level = parse_is_level(rollout_is)
-    options = parse_rs_options(rollout_rs)
-    bounds = parse_rs_thresholds(options, rollout_rs_threshold, rollout_rs_threshold_lower) if options else []
-    if rollout_rs_threshold_lower is not None and not any(is_ratio_bounded(o) for o in options):
-        warnings.warn("rollout_rs_threshold_lower is ignored: no ratio-bounded rollout_rs option (k1, token, "
-                      "sequence, geometric) is set", stacklevel=2)  # fmt: skip
-    veto = parse_veto_threshold(rollout_token_veto_threshold)
-    spec = None
-    if level is not None and rollout_is_threshold is not None:
-        spec = _ISSpec.parse(rollout_is_threshold, rollout_is_threshold_lower, rollout_is_mode)
-
-    rows = _Rows()
-    rows.add("len", lengths)
-    seq_log, e_c = _diagnostic_rows(roll, lr, lr64, seq_exact, rows)
-    scratch = roll if roll.dtype == lr.dtype else torch.empty_like(lr)  # roll's sums are queued: reuse it
-    # Added to padding before a masked min, subtracted before a masked max.
-    pad_big = (1.0 - m).mul_(_BIG) if level == "token" or options else None
-    if spec is not None:
-        weights = _is_weights(spec, level, seq_log, e_c, m, n, pad_big, scratch, rows)
-    else:
-        weights = None
-    keep = _rs_keep(lr, e_c, m, pad_big, scratch, options, bounds, rows) if options else None
-    if veto is not None:  # a response with any token ratio pi_train/pi_rollout < veto is rejected whole
-        catastrophic = _cmp(torch.lt, lr, math.log(veto)).mul_(m).sum(-1)
-        rows.add("veto", catastrophic)
-        keep_row = _cmp(torch.eq, catastrophic, 0.0).unsqueeze(-1)
-        keep = keep_row if keep is None else keep * keep_row
-    rs_mask = response_mask.clone() if keep is None else (response_mask * keep).to(response_mask.dtype)
-
-    h = rows.fetch()
-    metrics: dict[str, float] = {}
-    if spec is not None:
-        mu = _is_metrics(h, spec, level, n, metrics)
-        if rollout_is_batch_normalize:
-            if mu > 1e-8:
-                weights.div_(mu)
-            metrics["rollout_is_batch_norm_factor"] = mu if mu > 1e-8 else 1.0
-    if options:
-        _rs_metrics(h, options, bounds, dtype, n, metrics)
-    if veto is not None:
-        metrics["rollout_is_veto_fraction"] = (h["veto"] > 0).mean()
-        metrics["rollout_is_catastrophic_token_fraction"] = h["veto"].sum() / (n + 1e-8)
-    metrics.update(_diagnostics(h, n))
-    return weights, rs_mask, {PREFIX + k: float(v) for k, v in metrics.items()}
+    return RolloutCorrection(**options)(old_log_prob, rollout_log_prob, response_mask)

@@ -9,12 +9,18 @@ Two vocabularies coexist in `rollout_rs` (they are plain option names in one lis
 * the first vocabulary's ratio modes: `token` (per-token ratio), `sequence` (product of the ratios
   over the response) and `geometric` (their geometric mean), all with the ratio pi_train/pi_rollout
   kept inside [lower, upper].
+* one-sided sequence bounds on the token ratio w_t = pi_train/pi_rollout, for the second vocabulary's
+  prose formulas: `seq_max_ratio` keeps a response when max_t w_t <= u, `seq_min_ratio` when
+  min_t w_t >= l (each takes one number). Together, "seq_min_ratio,seq_max_ratio" with "l,u" rejects
+  every response that has a token ratio outside [l, u].
 
 Every ratio-bounded option (k1 and the three ratio modes) accepts `"lo_hi"` or one value `u`,
 which means [1/u, u] unless `rollout_rs_threshold_lower` gives the lower bound explicitly.
 """
 
 from __future__ import annotations
+
+import math
 
 K_CRITERIA: tuple[str, ...] = (
     "token_k1", "token_k2", "token_k3",
@@ -23,7 +29,8 @@ K_CRITERIA: tuple[str, ...] = (
     "seq_max_k2", "seq_max_k3",
 )  # fmt: skip
 RATIO_MODES: tuple[str, ...] = ("token", "sequence", "geometric")
-RS_OPTIONS: tuple[str, ...] = K_CRITERIA + RATIO_MODES
+SEQ_RATIO_BOUNDS: tuple[str, ...] = ("seq_max_ratio", "seq_min_ratio")
+RS_OPTIONS: tuple[str, ...] = K_CRITERIA + RATIO_MODES + SEQ_RATIO_BOUNDS
 TOKEN_LEVEL_RS_OPTIONS: frozenset[str] = frozenset({"token_k1", "token_k2", "token_k3", "token"})
 IS_LEVELS: tuple[str, ...] = ("token", "sequence")
 IS_MODES: tuple[str, ...] = ("truncate", "mask")
@@ -34,6 +41,11 @@ _DISABLED = frozenset({"", "none", "null"})
 def is_ratio_bounded(option: str) -> bool:
     """True for options that keep a ratio inside [lower, upper] (k1 criteria and the ratio modes)."""
     return option.endswith("k1") or option in RATIO_MODES
+
+
+def is_ratio_statistic(option: str) -> bool:
+    """True for options whose bounds are ratios compared in log space (k1, ratio modes, seq_*_ratio)."""
+    return is_ratio_bounded(option) or option in SEQ_RATIO_BOUNDS
 
 
 def _as_float(text: str, what: str) -> float:
@@ -170,6 +182,13 @@ def parse_rs_thresholds(
             if lo > hi:
                 raise ValueError(f"{what}: lower {lo} must be <= upper {hi} (from {spec!r})")
             bounds.append((lo, hi))
+        elif option in SEQ_RATIO_BOUNDS:
+            if "_" in spec:
+                raise ValueError(f"{what} takes one ratio, not a 'lo_hi' pair: {spec!r}")
+            value = _as_float(spec, what)
+            if not value > 0:
+                raise ValueError(f"{what} must be > 0, got {spec!r}")
+            bounds.append((None, value) if option == "seq_max_ratio" else (value, math.inf))
         else:
             if "_" in spec:
                 raise ValueError(f"{what} takes a single upper bound, not a 'lo_hi' pair: {spec!r}")

@@ -101,14 +101,23 @@ class Config:
                 derived.append((f"{prefix}.{name}", value, why))
 
         out = dataclasses.replace(self, **{n: _copy(getattr(self, n)) for n in self.section_names()})
-        derive(out.model, "tokenizer_path", "", out.model.path, "empty means model.path", "model")
-        derive(out.model, "ref_path", "", out.model.path, "empty means model.path", "model")
+        # A warm start from an HF directory replaces model.path as the initial policy (rl_setup builds
+        # the policy and the engine from it); the reference and the tokenizer follow it.
+        init = out.checkpoint.init_from
+        start, why = out.model.path, "empty means model.path"
+        if init and (Path(init) / "config.json").is_file() and not (Path(init) / "COMPLETE").is_file():
+            start, why = init, "empty means the initial policy: checkpoint.init_from, an HF directory"
+        derive(out.model, "tokenizer_path", "", start, why, "model")
+        derive(out.model, "ref_path", "", start, why, "model")
         derive(out.data, "gen_batch_size", 0, out.data.train_batch_size, "0 means data.train_batch_size", "data")
         derive(out.generator, "dtype", "auto", out.model.dtype, "auto means model.dtype", "generator")
         derive(out.generator, "max_model_len", 0, out.data.max_prompt_length + out.generator.max_tokens,
                "0 means data.max_prompt_length + generator.max_tokens", "generator")  # fmt: skip
-        derive(out.sampler.token_adaptive, "target_rollouts", 0, out.generator.n, "0 means generator.n",
-               "sampler.token_adaptive")  # fmt: skip
+        if out.sampler.type == "token_adaptive":  # (an unselected sampler's table must stay untouched)
+            derive(out.sampler.token_adaptive, "target_rollouts", 0, out.generator.n, "0 means generator.n",
+                   "sampler.token_adaptive")  # fmt: skip
+        derive(out.loss, "loss_scale_factor", None, float(out.generator.max_tokens),
+               "none means generator.max_tokens", "loss")  # fmt: skip
         derive(out.checkpoint, "dir", "", str(self.run_dir / "checkpoints"), "empty means <run dir>/checkpoints",
                "checkpoint")  # fmt: skip
         for key, value, why in derived:

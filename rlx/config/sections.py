@@ -6,6 +6,8 @@ choice, range) come from the annotations and `ranged(...)`; `validate()` holds t
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -184,7 +186,9 @@ class TokenAdaptiveSamplerConfig:
     min_prefix_length: int = ranged(15, ge=0)
     """Failure points before this token index are ignored."""
     max_resamples_per_prefix: int = ranged(3, ge=0)
-    """Retry budget of each truncated rollout's chain: resamples from its (growing) prefix."""
+    """Resamples per failure: attempts from the same failure prefix (resample_from = 'failure_prefix') or links of a chain of growing prefixes ('latest_piece')."""
+    resample_from: Literal["failure_prefix", "latest_piece"] = "failure_prefix"
+    """failure_prefix: every retry restarts from the original failure point (seed 003); latest_piece: from the previous retry's own truncation."""
     adaptive_temperature_scale: float = ranged(1.2, gt=0.0)
     """Temperature multiplier per resample retry."""
     target_rollouts: int = ranged(0, ge=0)
@@ -210,6 +214,15 @@ class SamplerConfig:
             self.adaptive.validate()
         except ConfigError as e:
             raise ConfigError(e.message, f"adaptive.{e.key}") from None
+        if self.type not in SAMPLER_TYPES:
+            return  # a user sampler may read any sub-table
+        for name in ("adaptive", "filtered", "token_adaptive"):
+            table = getattr(self, name)
+            changed = [f.name for f in dataclasses.fields(table) if getattr(table, f.name) != getattr(type(table)(), f.name)]
+            if name != self.type and changed:
+                raise ConfigError(f"is set, but sampler.type = {self.type!r}: options of an unselected sampler do "
+                                  f"nothing. Remove [sampler.{name}] or set sampler.type = {name!r}",
+                                  f"{name}.{changed[0]}")  # fmt: skip
 
 
 @dataclass

@@ -15,12 +15,16 @@ min_prefix_length m, max_resamples_per_prefix R, adaptive_temperature_scale s, t
    dropped) and it stays in the batch. Why drop it: token i was drawn from the uncertain
    distribution; resampling from response[:i] re-draws exactly that decision, which is the fork we
    want to explore. (Keeping it would only explore what follows an already made uncertain choice.)
-3. Retry round k = 1..R (one generator call for all prompts): each truncated piece from round
-   k-1 is continued once from prompt + piece at temperature t0 * s**k. A continuation that has its
-   own failure point is truncated the same way and continued in round k+1, so one original
-   truncation starts a CHAIN of pieces with at most R resamples (R = the retry budget of that
-   prefix). In a continuation the scan starts after the re-drawn token at the prefix end: that
-   token's distribution is the prefix's (already known to be uncertain) and would always fail again.
+3. Retry round k = 1..R (one generator call for all prompts): each pending failure gets one more
+   attempt at temperature t0 * s**k. Where the attempt starts is `resample_from`:
+   - "failure_prefix" (default; seed 003's "maximum resamples from the same prefix"): always from
+     the ORIGINAL truncation point, prompt + piece_0. R is the number of attempts at that one hard
+     segment; an attempt that fails again is truncated and kept, and the next round tries the same
+     prefix again, until an attempt completes or R attempts are spent.
+   - "latest_piece": from the previous attempt's own truncation, so one original truncation starts a
+     CHAIN of growing prefixes with at most R links.
+   In an attempt the scan starts after the re-drawn token at the prefix end: that token's
+   distribution is the prefix's (already known to be uncertain) and would always fail again.
 4. T counts COMPLETE rollouts (not truncated) per prompt: before a round, a prompt launches at most
    T - complete of its pending chains (oldest first); the others stop there. Resampling for a
    prompt therefore stops at the target; with the default T = n, every truncation can be replaced
@@ -38,7 +42,7 @@ Rewards: a truncated piece has no final answer, and scoring it as-is would punis
 cut the sampler made. So every piece of a chain gets the chain's OUTCOME: the reward (and extras)
 of the complete continuation that ends the chain, i.e. a one-sample Monte-Carlo value of the
 prefix. A chain that never completes (retry budget spent, or the prompt reached T) is scored on its
-last, longest piece like a response cut at max_tokens, and its pieces share that score. The reward
+longest piece like a response cut at max_tokens, and its pieces share that score. The reward
 function is called once per step, on complete rollouts and unfinished chain ends only. Trade-off:
 a chain of k pieces enters its group's mean/std k times (the method's emphasis on hard prompts).
 Continuations are sampled at a raised temperature; their rollout logprobs are of that
@@ -137,7 +141,16 @@ class TokenAdaptiveSampler(Sampler):
         self.min_prefix_length = int(t.min_prefix_length)
         self.max_resamples = int(t.max_resamples_per_prefix)
         self.temperature_scale = float(t.adaptive_temperature_scale)
-        self.target = int(t.target_rollouts) or self.n
+        self.resample_from = str(t.resample_from)
+        if self.resample_from not in ("failure_prefix", "latest_piece"):
+            raise ValueError(f"resample_from={self.resample_from!r}: choose 'failure_prefix' or 'latest_piece'")
+        self.target = int(t.target_rollouts)
+        if self.target < 1:
+            raise ValueError("sampler.token_adaptive.target_rollouts must be >= 1 (Config.resolved() sets 0 to generator.n)")
+
+    def _base(self, chain: _Chain) -> Rollout:
+        """The piece the next attempt of `chain` continues from."""
+        return chain.pieces[0] if self.resample_from == "failure_prefix" else chain.pieces[-1]
 
     def _failure(self, stats: tuple[list[float], list[float]], rollout: Rollout, start: int) -> int | None:
         max_probs, entropies = stats
@@ -169,7 +182,7 @@ class TokenAdaptiveSampler(Sampler):
             num_resamples += len(continuations)
             stats = ctx.token_stats(continuations)
             for chain, rollout, st in zip(launch, continuations, stats, strict=True):
-                prefix_len = len(chain.pieces[-1].response_ids)
+                prefix_len = len(self._base(chain).response_ids)
                 # Skip the re-drawn token at prefix_len: its distribution is the uncertain one we cut at.
                 failure = self._failure(st, rollout, start=prefix_len + 1)
                 book.add(chain.prompt_index, rollout, failure, prefix_len, chain)
@@ -189,10 +202,10 @@ class TokenAdaptiveSampler(Sampler):
         return launch
 
     def _continue(self, ctx: SamplerContext, launch: list[_Chain], temperature: float) -> list[Rollout]:
-        """ONE generator call: one continuation of each chain's last piece, as a rollout of the prompt."""
+        """ONE generator call: one continuation of each chain's base piece, as a rollout of the prompt."""
         requests = []
         for chain in launch:
-            piece = chain.pieces[-1]
+            piece = self._base(chain)
             max_tokens = None if self.max_tokens is None else max(1, self.max_tokens - len(piece.response_ids))
             requests.append(GenerationRequest(piece.prompt_ids + piece.response_ids, n=1,
                                               temperature=temperature, max_tokens=max_tokens))
@@ -201,7 +214,7 @@ class TokenAdaptiveSampler(Sampler):
         rollouts = []
         for chain, completions in zip(launch, outputs):
             assert len(completions) == 1, "generator must return n=1 completion per continuation request"
-            completion, piece = completions[0], chain.pieces[-1]
+            completion, piece = completions[0], self._base(chain)
             rollouts.append(Rollout(
                 prompt_ids=piece.prompt_ids,
                 response_ids=piece.response_ids + list(completion.token_ids),
@@ -214,10 +227,10 @@ class TokenAdaptiveSampler(Sampler):
 
     def _score(self, ctx: SamplerContext, book: _Ledger) -> None:
         """One reward call for complete rollouts and unfinished chain ends; pieces inherit the outcome."""
-        unfinished = [c.pieces[-1] for c in book.chains if c.end is None]
-        score_rollouts(ctx, [r for rs in book.complete for r in rs] + unfinished)
+        unfinished = {id(c): max(c.pieces, key=lambda p: len(p.response_ids)) for c in book.chains if c.end is None}
+        score_rollouts(ctx, [r for rs in book.complete for r in rs] + list(unfinished.values()))
         for chain in book.chains:
-            outcome = chain.end if chain.end is not None else chain.pieces[-1]
+            outcome = chain.end if chain.end is not None else unfinished[id(chain)]
             for piece in chain.pieces:
                 piece.reward, piece.extras = outcome.reward, dict(outcome.extras)
 

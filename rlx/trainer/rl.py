@@ -16,7 +16,6 @@ from contextlib import contextmanager
 
 import torch
 
-from rlx.algorithms import compute_advantages, rollout_correction
 from rlx.config import Config, parse_args
 from rlx.trainer.policy import compute_logprobs
 from rlx.trainer.rl_setup import Stages, build_stages, gather_rollouts
@@ -42,17 +41,18 @@ class Timer:
 
 
 class RLTrainer:
-    """Owns the stages of a run (built by `build_stages`) and runs steps, validation, checkpoints."""
+    """Runs steps, validation and checkpoints over the stages of a run (`build_stages(cfg)`, or fakes
+    in tests: a scripted generator and reward stand in for vLLM and the reward pool)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, stages: Stages):
         self.cfg = cfg
-        self.s: Stages = build_stages(cfg)
+        self.s = stages
         self.total_generated_tokens = float(self.s.resume_data.get("total_generated_tokens", 0.0))
 
     # ---- one step --------------------------------------------------------------------------------
 
     def step(self, step: int) -> dict[str, float]:
-        s, cfg, timer = self.s, self.cfg, Timer()
+        s, timer = self.s, Timer()
         start = time.perf_counter()
 
         s.engine.reseed(step)  # sampling depends on (seed, step), not on how the run got here
@@ -68,26 +68,23 @@ class RLTrainer:
         batch = RolloutBatch(rollouts).to_tensors(pad_id=s.pad_id)
         shares = balance_by_tokens(seq_lengths(rollouts), s.dims.dp_size)
         mine = [rollouts[i] for i in shares[s.dims.dp_rank]]
-
         g = GlobalBatch(rollouts, batch["response_mask"], torch.zeros(0), batch["rollout_log_probs"])
-        with timer("old_logprob"):
-            if not cfg.rollout_correction.bypass_mode:  # bypass: rollout logprobs are the old ones
-                g.old_log_probs = self._logprobs(s.model, mine, shares, len(rollouts))
-            if cfg.loss.kl_coef > 0:
-                g.ref_log_probs = self._logprobs(s.ref_model, mine, shares, len(rollouts))
 
-        g.advantages, _ = compute_advantages(
-            cfg.algorithm.adv_estimator, batch["token_level_rewards"], g.response_mask, batch["group_ids"],
-            **s.adv_kwargs,
-        )  # fmt: skip
-        if g.old_log_probs is not None and s.rollout_correction_kwargs is not None and g.response_mask.any():
-            g.is_weights, g.response_mask, rc_metrics = rollout_correction(
-                g.old_log_probs, g.rollout_log_probs, g.response_mask, **s.rollout_correction_kwargs
-            )
-            metrics.update(rc_metrics)
+        # The plan says which no-grad passes this step needs: pi_old is skipped in bypass mode and when
+        # the single update's own forward provides it (one epoch, one mini-batch).
+        plan = s.loss.plan(s.updater.num_mini_batches(g))
+        with timer("old_logprob"):
+            if plan.old_logprob_pass:
+                g.old_log_probs = self._logprobs(s.model, mine, shares, len(rollouts))
+            if plan.ref_pass:
+                g.ref_log_probs = self._logprobs(s.ref_model, mine, shares, len(rollouts))
+        with timer("advantage"):
+            g.advantages, _ = s.advantage(batch["token_level_rewards"], g.response_mask, batch["group_ids"])
+            if plan.correction == "batch" and g.response_mask.any():
+                metrics.update(s.loss.correct_batch(g))
 
         with timer("train"):
-            metrics.update(s.updater.update(g))
+            metrics.update(s.updater.update(g, plan))
             s.scheduler.step()
         with timer("weight_sync"):
             s.engine.wake_up()
@@ -192,7 +189,7 @@ class RLTrainer:
 
 def run(cfg: Config) -> dict[str, float]:
     """Train with an already resolved config; returns the last step's metrics."""
-    trainer = RLTrainer(cfg)
+    trainer = RLTrainer(cfg, build_stages(cfg))
     try:
         return trainer.fit()
     finally:

@@ -28,6 +28,7 @@ from rlx.models.tokenizer import apply_chat_template
 from rlx.parallel import ParallelDims, build_parallel_model
 from rlx.reward import build_reward
 from rlx.sampler import SamplerContext, build_sampler
+from rlx.trainer.loss_stage import AdvantageFn, LossStage, build_advantage
 from rlx.trainer.policy import compute_token_stats
 from rlx.trainer.rl_update import PolicyUpdater
 from rlx.trainer.train_step import build_lr_scheduler, build_optimizer, make_generator
@@ -110,11 +111,11 @@ class Stages:
     val_prompts: Any
     sampler: Any
     sampler_ctx: SamplerContext
+    advantage: AdvantageFn
+    loss: LossStage
     updater: PolicyUpdater
     checkpointer: Checkpointer
     logger: MetricLogger
-    adv_kwargs: dict
-    rollout_correction_kwargs: dict | None
     start_step: int = 0
     resume_data: dict = field(default_factory=dict)
 
@@ -148,19 +149,9 @@ def _weights_source(cfg: Config) -> tuple[str, str | None]:
     return cfg.model.path, init
 
 
-def _rollout_correction_kwargs(rc: Any) -> dict | None:
-    """Arguments of `rollout_correction` for decoupled mode; None when it is off or in bypass mode
-    (bypass runs it inside the loss, on pi_theta / pi_rollout)."""
-    if rc.bypass_mode or (rc.rollout_is is None and rc.rollout_rs is None and rc.rollout_token_veto_threshold is None):
-        return None
-    return dict(rollout_is=rc.rollout_is, rollout_is_threshold=rc.rollout_is_threshold,
-                rollout_is_batch_normalize=rc.rollout_is_batch_normalize, rollout_rs=rc.rollout_rs,
-                rollout_rs_threshold=rc.rollout_rs_threshold, rollout_rs_threshold_lower=rc.rollout_rs_threshold_lower,
-                rollout_token_veto_threshold=rc.rollout_token_veto_threshold,
-                rollout_is_threshold_lower=rc.rollout_is_threshold_lower, rollout_is_mode=rc.rollout_is_mode)  # fmt: skip
-
-
-def build_stages(cfg: Config) -> Stages:
+def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) -> Stages:
+    """Every stage of a run from the resolved config, each from its own section. `engine` and
+    `reward_scorer` replace the vLLM engine and the reward pool (tests pass scripted fakes)."""
     device = distributed.init_distributed(cfg.parallel.backend)
     rank, world = distributed.rank(), distributed.world_size()
     dims = ParallelDims.from_config(cfg.parallel, world)
@@ -177,17 +168,18 @@ def build_stages(cfg: Config) -> Stages:
     model = build_parallel_model(hf_dir, dims, cfg.parallel, device=device, dtype=dtype)
     ref_model = None
     if cfg.loss.kl_coef > 0:
-        ref_model = build_parallel_model(cfg.model.ref_path or hf_dir, dims, cfg.parallel, device=device, dtype=dtype,
+        ref_model = build_parallel_model(cfg.model.ref_path, dims, cfg.parallel, device=device, dtype=dtype,
                                          reference=True)  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, total_steps=cfg.train.steps)
     rng = make_generator(cfg.job.seed)
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path or hf_dir)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    engine = build_generator(cfg.generator, hf_dir, max_prompt_length=cfg.data.max_prompt_length)
+    if engine is None:
+        engine = build_generator(cfg.generator, hf_dir, max_prompt_length=cfg.data.max_prompt_length)
     counting = CountingGenerator(engine)
-    reward = TimedScorer(build_reward(cfg.reward, tokenizer))
+    reward = TimedScorer(reward_scorer if reward_scorer is not None else build_reward(cfg.reward, tokenizer))
 
     def encode(prompt):
         if cfg.model.use_chat_template:
@@ -201,8 +193,7 @@ def build_stages(cfg: Config) -> Stages:
     per_rank = lambda n: n // layout.dp_size  # noqa: E731
     sampler = build_sampler(cfg.sampler, n=cfg.generator.n, temperature=cfg.generator.temperature,
                             train_batch_size=per_rank(cfg.data.train_batch_size),
-                            gen_batch_size=per_rank(cfg.data.gen_batch_size or cfg.data.train_batch_size),
-                            max_tokens=cfg.generator.max_tokens)  # fmt: skip
+                            gen_batch_size=per_rank(cfg.data.gen_batch_size), max_tokens=cfg.generator.max_tokens)  # fmt: skip
 
     def token_stats(rollouts: Sequence[Rollout]):
         return compute_token_stats(model, rollouts, device=device, token_budget=cfg.loss.micro_batch_tokens,
@@ -225,11 +216,11 @@ def build_stages(cfg: Config) -> Stages:
     ctx = SamplerContext(counting, reward, token_stats=token_stats, all_reduce_sum=all_reduce_sum,
                          next_prompts=stream.take)  # fmt: skip
 
-    updater = PolicyUpdater(model, optimizer, cfg.loss, cfg.rollout_correction, device=device, dp_rank=dims.dp_rank,
+    advantage = build_advantage(cfg.algorithm)
+    loss = LossStage(cfg.loss, cfg.rollout_correction)
+    updater = PolicyUpdater(model, optimizer, cfg.loss, loss, device=device, dp_rank=dims.dp_rank,
                             dp_size=dims.dp_size, dp_group=dp_group, temperature=cfg.generator.temperature,
-                            grad_clip=cfg.optim.grad_clip,
-                            loss_scale_factor=cfg.loss.loss_scale_factor or float(cfg.generator.max_tokens),
-                            rng=rng)  # fmt: skip
+                            grad_clip=cfg.optim.grad_clip, rng=rng)  # fmt: skip
     checkpointer = Checkpointer(cfg.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, generator=rng,
                                 hf_dir=hf_dir, run_dir=str(run_dir))  # fmt: skip
     weight_sync = WeightSync(engine)
@@ -247,12 +238,6 @@ def build_stages(cfg: Config) -> Stages:
         logger.info("resumed from %s at step %d", state.path, start_step)
     metric_logger = MetricLogger(str(run_dir), cfg.logging, config_dict=cfg.to_dict(), rank=rank,
                                  total_steps=cfg.train.steps)  # fmt: skip
-    adv_kwargs = {}
-    if cfg.algorithm.adv_estimator == "grpo":
-        adv_kwargs["norm_by_std"] = cfg.algorithm.norm_adv_by_std
-    if cfg.algorithm.adv_estimator == "reinforce_pp":
-        adv_kwargs["gamma"] = cfg.algorithm.gamma
     return Stages(cfg, device, dims, dp_group, model, ref_model, optimizer, scheduler, rng, tokenizer, pad_id, engine,
-                  counting, weight_sync, reward, stream, val_prompts, sampler, ctx, updater, checkpointer,
-                  metric_logger, adv_kwargs, _rollout_correction_kwargs(cfg.rollout_correction), start_step,
-                  resume_data)  # fmt: skip
+                  counting, weight_sync, reward, stream, val_prompts, sampler, ctx, advantage, loss, updater,
+                  checkpointer, metric_logger, start_step, resume_data)  # fmt: skip

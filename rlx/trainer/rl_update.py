@@ -17,8 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from rlx.algorithms import agg_loss, bypass_policy_loss, entropy_loss, kl_penalty, policy_loss
+from rlx.trainer.loss_stage import LossStage, MicroBatchInputs, StepPlan
 from rlx.trainer.policy import dummy_pack, num_forwards, pack_logprobs, pack_rollouts, scatter_rows, _full_weight
 from rlx.trainer.train_step import NonFiniteError, clip_grad_norm_
 from rlx.types import Rollout
@@ -84,18 +85,22 @@ def _sum_over_ranks(totals: torch.Tensor, sums: dict[str, float], group) -> dict
 
 
 class PolicyUpdater:
-    """PPO epochs x mini-batches x micro-batches of the policy loss, with KL and entropy terms.
+    """PPO epochs x mini-batches x micro-batches of the loss stage's loss, then clip and step.
 
-    `loss_cfg` is the `[loss]` section; `rc_cfg` the `[rollout_correction]` section (bypass mode and
-    its options); `temperature` the sampling temperature (logprobs are of logits / temperature, the
+    `loss_cfg` is the `[loss]` section (epochs, mini/micro batching, chunk size); `loss` the built
+    `LossStage`; `temperature` the sampling temperature (logprobs are of logits / temperature, the
     distribution vLLM sampled from)."""
 
-    def __init__(self, model: nn.Module, optimizer, loss_cfg: Any, rc_cfg: Any, *, device: torch.device,
-                 dp_rank: int, dp_size: int, dp_group, temperature: float, grad_clip: float,
-                 loss_scale_factor: float, rng: torch.Generator):  # fmt: skip
-        self.model, self.optimizer, self.cfg, self.rc = model, optimizer, loss_cfg, rc_cfg
+    def __init__(self, model: nn.Module, optimizer, loss_cfg: Any, loss: LossStage, *, device: torch.device,
+                 dp_rank: int, dp_size: int, dp_group, temperature: float, grad_clip: float, rng: torch.Generator):  # fmt: skip
+        self.model, self.optimizer, self.cfg, self.loss = model, optimizer, loss_cfg, loss
         self.device, self.dp_rank, self.dp_size, self.dp_group = device, dp_rank, dp_size, dp_group
-        self.temperature, self.grad_clip, self.loss_scale_factor, self.rng = temperature, grad_clip, loss_scale_factor, rng
+        self.temperature, self.grad_clip, self.rng = temperature, grad_clip, rng
+
+    def num_mini_batches(self, batch: GlobalBatch) -> int:
+        groups = len({r.group_id for r in batch.rollouts})
+        size = self.cfg.mini_batch_size or groups
+        return max(1, math.ceil(groups / size))
 
     def mini_batches(self, batch: GlobalBatch) -> list[list[int]]:
         """Row indices of each mini-batch: `mini_batch_size` whole groups each (0 = the whole batch),
@@ -111,25 +116,25 @@ class PolicyUpdater:
         chunks = [order[s : s + size] for s in range(0, len(order), size)]
         return [sorted(i for k in chunk for i in groups[keys[k]]) for chunk in chunks]
 
-    def update(self, batch: GlobalBatch) -> dict[str, float]:
+    def update(self, batch: GlobalBatch, plan: StepPlan) -> dict[str, float]:
         sums: dict[str, float] = {}
         num_updates = 0
         for _ in range(self.cfg.ppo_epochs):
             for rows in self.mini_batches(batch):
-                for k, v in self._mini_batch_step(batch, rows).items():
+                for k, v in self._mini_batch_step(batch, rows, plan).items():
                     sums[k] = sums.get(k, 0.0) + v
                 num_updates += 1
         out = {k: v / num_updates for k, v in sums.items()}
         out["actor/num_updates"] = float(num_updates)
         return out
 
-    def _mini_batch_step(self, batch: GlobalBatch, rows: list[int]) -> dict[str, float]:
+    def _mini_batch_step(self, batch: GlobalBatch, rows: list[int], plan: StepPlan) -> dict[str, float]:
         mask = batch.response_mask[rows]
         global_info = dict(
             dp_size=1,  # gradients are summed over ranks (not averaged): no dp_size factor
             batch_num_tokens=max(float(mask.sum()), 1.0),
             global_batch_size=max(float((mask.sum(-1) > 0).sum()), 1.0),
-            loss_scale_factor=self.loss_scale_factor,
+            loss_scale_factor=self.cfg.loss_scale_factor,
         )
         share = balance_by_tokens(seq_lengths([batch.rollouts[i] for i in rows]), self.dp_size)[self.dp_rank]
         mine = [rows[j] for j in share]
@@ -138,19 +143,29 @@ class PolicyUpdater:
         # weighted by its share of the mini-batch's tokens.
         totals = torch.zeros(4, dtype=torch.float64)  # pg_loss, kl_loss, entropy, token weight
         metric_sums: dict[str, float] = {}
+        correction_rows: list[dict] = []
         for k in range(num_forwards(len(packs), self.dp_group)):
             if k >= len(packs):
                 self._dummy_backward()
                 continue
             pack = packs[k]
             idx = [mine[j] for j in pack.rows]
-            terms, metrics = self._micro_batch_loss(batch, idx, pack, global_info)
+            terms, metrics, rc_rows = self._micro_batch_loss(batch, idx, pack, plan, global_info)
+            if rc_rows is not None:
+                correction_rows.append(rc_rows)
             weight = float(batch.response_mask[idx].sum()) / global_info["batch_num_tokens"]
             totals += torch.tensor([*terms, weight], dtype=torch.float64)
             for key, v in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + v * weight
 
         metric_sums = _sum_over_ranks(totals, metric_sums, self.dp_group)
+        out: dict[str, float] = {}
+        if plan.correction == "micro":
+            rc_metrics, factor = self.loss.finish_correction(_gather_lists(correction_rows, self.dp_group))
+            out.update(rc_metrics)
+            if factor != 1.0:  # the batch-normalized IS weights: the pg term is linear in them
+                _scale_grads(self.model.parameters(), 1.0 / factor)
+                totals[0] /= factor
         pg_loss, kl_loss, ent, weight = totals.tolist()
         grad_norm = clip_grad_norm_(self.model.parameters(), self.grad_clip).item()
         for name, value in (("actor/pg_loss", pg_loss), ("actor/kl_loss", kl_loss), ("actor/grad_norm", grad_norm)):
@@ -159,7 +174,7 @@ class PolicyUpdater:
                 raise NonFiniteError(f"{name} is {value}: stopping before the optimizer step and before any checkpoint")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {"actor/pg_loss": pg_loss, "actor/grad_norm": grad_norm, "actor/lr": self.optimizer.param_groups[0]["lr"]}
+        out.update({"actor/pg_loss": pg_loss, "actor/grad_norm": grad_norm, "actor/lr": self.optimizer.param_groups[0]["lr"]})
         if self.cfg.kl_coef > 0:
             out["actor/kl_loss"] = kl_loss
         if self.cfg.entropy_coef > 0:
@@ -167,48 +182,24 @@ class PolicyUpdater:
         out.update({key: v / max(weight, 1e-12) for key, v in metric_sums.items()})
         return out
 
-    def _micro_batch_loss(self, batch: GlobalBatch, idx: list[int], pack, global_info: dict):
-        """Forward + backward of one packed micro-batch; returns its (pg, kl, entropy) loss terms."""
-        cfg = self.cfg
-        need_entropy = cfg.entropy_coef > 0
+    def _micro_batch_loss(self, batch: GlobalBatch, idx: list[int], pack, plan: StepPlan, global_info: dict):
+        """Forward + backward of one packed micro-batch: its (pg, kl, entropy) terms, loss metrics and
+        rollout-correction rows (per-micro-batch correction only)."""
+        need_entropy = self.cfg.entropy_coef > 0
         lp_flat, ent_flat = pack_logprobs(self.model, pack, self.device, temperature=self.temperature,
-                                          chunk_size=cfg.logprob_chunk_size, with_entropy=need_entropy)  # fmt: skip
+                                          chunk_size=self.cfg.logprob_chunk_size, with_entropy=need_entropy)  # fmt: skip
         width = batch.response_mask.shape[1]
-        log_prob = scatter_rows(lp_flat, pack, width)
-        take = lambda t: t[idx].to(self.device)  # noqa: E731
-        mask, adv, rollout_lp = take(batch.response_mask), take(batch.advantages), take(batch.rollout_log_probs)
-        if self.rc.bypass_mode:
-            rc = self.rc
-            loss, metrics = bypass_policy_loss(
-                rollout_lp, log_prob, adv, mask, loss_type=rc.loss_type, loss_agg_mode=cfg.agg_mode,
-                rollout_is=rc.rollout_is, rollout_is_threshold=rc.rollout_is_threshold,
-                rollout_is_batch_normalize=rc.rollout_is_batch_normalize, rollout_rs=rc.rollout_rs,
-                rollout_rs_threshold=rc.rollout_rs_threshold, rollout_rs_threshold_lower=rc.rollout_rs_threshold_lower,
-                rollout_token_veto_threshold=rc.rollout_token_veto_threshold,
-                rollout_is_threshold_lower=rc.rollout_is_threshold_lower, rollout_is_mode=rc.rollout_is_mode,
-                clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, clip_ratio_c=cfg.clip_ratio_c,
-                **global_info,
-            )  # fmt: skip
-        else:
-            is_w = None if batch.is_weights is None else take(batch.is_weights)
-            loss, metrics = policy_loss(
-                take(batch.old_log_probs), log_prob, adv, mask, loss_type=cfg.type, loss_agg_mode=cfg.agg_mode,
-                clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, clip_ratio_c=cfg.clip_ratio_c,
-                rollout_is_weights=is_w, **global_info,
-            )  # fmt: skip
-        pg_loss = loss.detach().item()
-        kl_value = ent_value = 0.0
-        if cfg.kl_coef > 0:
-            kl = kl_penalty(log_prob, take(batch.ref_log_probs), cfg.kl_estimator)
-            kl_loss = agg_loss(kl, mask, cfg.agg_mode, **global_info)
-            loss = loss + cfg.kl_coef * kl_loss
-            kl_value = kl_loss.detach().item()
-        if need_entropy:
-            ent_loss = entropy_loss(scatter_rows(ent_flat, pack, width), mask, cfg.agg_mode, **global_info)
-            loss = loss - cfg.entropy_coef * ent_loss
-            ent_value = ent_loss.detach().item()
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx].to(self.device)
+
+        inputs = MicroBatchInputs(take(batch.response_mask), take(batch.advantages), take(batch.rollout_log_probs),
+                                  take(batch.old_log_probs), take(batch.ref_log_probs), take(batch.is_weights))  # fmt: skip
+        entropy = scatter_rows(ent_flat, pack, width) if need_entropy else None
+        loss, terms, metrics, rows = self.loss.micro_batch_loss(scatter_rows(lp_flat, pack, width), entropy, inputs,
+                                                                plan, global_info)  # fmt: skip
         loss.backward()
-        return (pg_loss, kl_value, ent_value), metrics
+        return terms, metrics, rows
 
     def _dummy_backward(self) -> None:
         """A zero loss through every parameter: FSDP's collectives need every rank's backward."""
@@ -216,3 +207,20 @@ class PolicyUpdater:
         zero = self.model(pack.input_ids.to(self.device), pack.position_ids.to(self.device),
                           output_fn=lambda h, w: (h.sum() + _full_weight(w).sum()) * 0.0)  # fmt: skip
         zero.backward()
+
+
+def _gather_lists(items: list, group) -> list:
+    """Every DP rank's list, concatenated in rank order (the rank's own list without a group)."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return items
+    pieces: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(pieces, items, group=group)
+    return [x for piece in pieces for x in piece]
+
+
+@torch.no_grad()
+def _scale_grads(parameters, factor: float) -> None:
+    for p in parameters:
+        if p.grad is not None:
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            g.mul_(factor)

@@ -105,5 +105,10 @@ def test_registry_and_errors():
         assert adv.shape == (4, 3) and torch.isfinite(adv).all() and torch.isfinite(ret).all()
     with pytest.raises(ValueError, match="valid names: .*grpo"):
         compute_advantages("gae", rewards, mask, [0, 0, 1, 1])
-    a, _ = compute_advantages("grpo", rewards, mask, [0, 0, 1, 1], norm_adv_by_std_in_grpo=False)
+    a, _ = compute_advantages("grpo", rewards, mask, [0, 0, 1, 1], norm_by_std=False)
     assert torch.allclose(a[:, 0], torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    # A misspelt or foreign option is an error, never silently dropped (it used to swallow norm_by_std).
+    with pytest.raises(ValueError, match="has no option 'norm_adv_by_std_in_grpo'; its options: \\['eps', 'norm_by_std'\\]"):
+        compute_advantages("grpo", rewards, mask, [0, 0, 1, 1], norm_adv_by_std_in_grpo=False)
+    with pytest.raises(ValueError, match="'rloo' has no option 'gamma'"):
+        compute_advantages("rloo", rewards, mask, [0, 0, 1, 1], gamma=0.9)

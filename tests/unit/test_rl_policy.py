@@ -4,13 +4,14 @@ is cut into micro-batches."""
 
 import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rlx.algorithms import grpo_advantages
+from rlx.config.train_sections import LossConfig, RolloutCorrectionConfig
 from rlx.models import ModelArgs, build_model
+from rlx.trainer.loss_stage import LossStage
 from rlx.trainer.policy import compute_logprobs, compute_token_stats, pack_rollouts
 from rlx.trainer.rl_update import GlobalBatch, PolicyUpdater, balance_by_tokens
 from rlx.types import Rollout, RolloutBatch
@@ -83,12 +84,17 @@ def test_balance_by_tokens_is_even_and_complete():
     assert max(loads) - min(loads) <= 2
 
 
-def loss_cfg(**kw):
-    base = dict(type="ppo_clip", agg_mode="token-mean", clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0,
-                kl_coef=0.0, kl_estimator="low_var_kl", entropy_coef=0.0, ppo_epochs=1, mini_batch_size=0,
-                micro_batch_tokens=4096, logprob_chunk_size=7)  # fmt: skip
-    base.update(kw)
-    return SimpleNamespace(**base)
+def make_updater(model, opt, *, grad_clip=0.0, **loss_options):
+    """A PolicyUpdater over the loss stage built from a real `[loss]` section (decoupled mode)."""
+    options = dict(micro_batch_tokens=4096, logprob_chunk_size=7, loss_scale_factor=16.0)
+    cfg = LossConfig(**{**options, **loss_options})
+    stage = LossStage(cfg, RolloutCorrectionConfig())
+    return PolicyUpdater(model, opt, cfg, stage, device=torch.device("cpu"), dp_rank=0, dp_size=1, dp_group=None,
+                         temperature=1.0, grad_clip=grad_clip, rng=torch.Generator().manual_seed(0))  # fmt: skip
+
+
+def update(updater, g):
+    return updater.update(g, updater.loss.plan(updater.num_mini_batches(g)))
 
 
 def run_update(budget, agg_mode="token-mean", kl_coef=0.0, entropy_coef=0.0):
@@ -100,14 +106,9 @@ def run_update(budget, agg_mode="token-mean", kl_coef=0.0, entropy_coef=0.0):
     g = GlobalBatch(rollouts, t["response_mask"], grpo_advantages(t["token_level_rewards"], t["response_mask"],
                     t["group_ids"]), t["rollout_log_probs"], old_log_probs=old,
                     ref_log_probs=old + 0.1)  # fmt: skip
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    rc = SimpleNamespace(bypass_mode=False)
-    updater = PolicyUpdater(model, opt, loss_cfg(micro_batch_tokens=budget, agg_mode=agg_mode, kl_coef=kl_coef,
-                                                 entropy_coef=entropy_coef), rc, device=torch.device("cpu"),
-                            dp_rank=0, dp_size=1, dp_group=None, temperature=1.0, grad_clip=0.0, loss_scale_factor=16.0,
-                            rng=torch.Generator().manual_seed(0))  # fmt: skip
-    metrics = updater.update(g)
-    return model, metrics
+    updater = make_updater(model, torch.optim.SGD(model.parameters(), lr=1.0), micro_batch_tokens=budget,
+                           agg_mode=agg_mode, kl_coef=kl_coef, entropy_coef=entropy_coef)  # fmt: skip
+    return model, update(updater, g)
 
 
 @pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -130,10 +131,8 @@ def test_non_finite_loss_stops_before_the_step():
     t = RolloutBatch(rollouts).to_tensors()
     adv = torch.full_like(t["response_mask"], float("nan"))
     g = GlobalBatch(rollouts, t["response_mask"], adv, t["rollout_log_probs"], old_log_probs=t["rollout_log_probs"])
-    updater = PolicyUpdater(model, torch.optim.SGD(model.parameters(), lr=1.0), loss_cfg(), SimpleNamespace(bypass_mode=False),
-                            device=torch.device("cpu"), dp_rank=0, dp_size=1, dp_group=None, temperature=1.0,
-                            grad_clip=1.0, loss_scale_factor=1.0, rng=torch.Generator())  # fmt: skip
+    updater = make_updater(model, torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=1.0, loss_scale_factor=1.0)
     with pytest.raises(NonFiniteError, match="actor/pg_loss"):
-        updater.update(g)
+        update(updater, g)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k

@@ -35,7 +35,8 @@ def sampler_cfg(type_: str, **sections) -> SimpleNamespace:
         "adaptive": dict(max_n=128, rollouts_per_batch=8, positive_threshold=0.5, min_rollouts=2),
         "filtered": dict(metric="acc", max_num_gen_batches=10),
         "token_adaptive": dict(uncertainty_threshold=0.7, entropy_threshold=2.0, min_prefix_length=15,
-                               max_resamples_per_prefix=3, adaptive_temperature_scale=1.2, target_rollouts=0),
+                               max_resamples_per_prefix=3, adaptive_temperature_scale=1.2, target_rollouts=1,
+                               resample_from="latest_piece"),
     }
     merged = {k: SimpleNamespace(**{**v, **sections.get(k, {})}) for k, v in defaults.items()}
     return SimpleNamespace(type=type_, **merged)
@@ -303,13 +304,52 @@ def token_script(req, k):
     return {0: [INITIAL_0, INITIAL_1][k % 2], 7: ROUND_1, 10: ROUND_2}[prefix_len]
 
 
-def run_token_adaptive(n=2, prompts=1, max_tokens=None, **section):
-    section = {"min_prefix_length": 5, "adaptive_temperature_scale": 1.5, **section}
+def run_token_adaptive(n=2, prompts=1, max_tokens=None, script=token_script, **section):
+    section = {"min_prefix_length": 5, "adaptive_temperature_scale": 1.5, "target_rollouts": n, **section}
     sampler = build_sampler(sampler_cfg("token_adaptive", token_adaptive=section), n=n, temperature=1.0,
                             train_batch_size=prompts, max_tokens=max_tokens)
-    gen, reward, stats = ScriptedGenerator(token_script), FakeReward(), FakeTokenStats()
+    gen, reward, stats = ScriptedGenerator(script), FakeReward(), FakeTokenStats()
     batch, metrics = sampler.sample(make_prompts(prompts), SamplerContext(gen, reward, token_stats=stats))
     return batch, metrics, gen, reward, stats
+
+
+def same_prefix_script(req, k):
+    """Round 0 as token_script; every retry starts at prefix 7: attempt 0 fails again, attempt 1 completes."""
+    prefix_len = len(req.prompt_ids) - 1
+    if prefix_len == 0:
+        return [INITIAL_0, INITIAL_1][k % 2]
+    assert prefix_len == 7, "failure_prefix retries always restart from the first failure point"
+    return ROUND_1 if k == 0 else ROUND_2
+
+
+def test_token_adaptive_failure_prefix_retries_the_same_prefix():
+    batch, metrics, gen, reward, _ = run_token_adaptive(max_tokens=32, script=same_prefix_script,
+                                                        resample_from="failure_prefix")
+    assert gen.temperatures == [[1.0], [1.5], [2.25]]
+    assert [r.prompt_ids for call in gen.calls[1:] for r in call] == [[1000, *INITIAL_0[:7]]] * 2
+    assert [r.max_tokens for call in gen.calls[1:] for r in call] == [32 - 7, 32 - 7]
+    piece1, complete, attempt1, end = batch.rollouts
+    assert piece1.response_ids == INITIAL_0[:7] and piece1.finish_reason == "truncated"
+    # The failed attempt is kept (its new tokens trained), the successful one ends the family.
+    assert attempt1.response_ids == INITIAL_0[:7] + ROUND_1[:3] and attempt1.response_mask == [0] * 7 + [1] * 3
+    assert end.response_ids == INITIAL_0[:7] + ROUND_2 and end.response_mask == [0] * 7 + [1] * 3
+    assert [[id(r) for r in c] for c in reward.calls] == [[id(complete), id(end)]]
+    assert [r.reward for r in batch.rollouts] == [1.0, 0.0, 1.0, 1.0]
+    assert metrics["adaptive/truncation_rate"] == 0.5 and metrics["adaptive/resample_rate"] == 0.5
+
+
+def test_token_adaptive_failure_prefix_budget_counts_attempts_at_one_prefix():
+    def always_fails(req, k):
+        return [INITIAL_0, INITIAL_1][k % 2] if len(req.prompt_ids) == 1 else ROUND_1
+
+    batch, metrics, gen, reward, _ = run_token_adaptive(script=always_fails, resample_from="failure_prefix",
+                                                        max_resamples_per_prefix=3)
+    assert [len(c) for c in gen.calls] == [1, 1, 1, 1]  # R = 3 attempts, all from prefix 7
+    assert all(r.prompt_ids == [1000, *INITIAL_0[:7]] for call in gen.calls[1:] for r in call)
+    pieces = [r for r in batch.rollouts if r.finish_reason == "truncated"]
+    assert len(pieces) == 4 and metrics["adaptive/resample_rate"] == 3 / 5
+    # Never completed: the family is scored once, on its longest piece, and every piece shares that score.
+    assert [len(r.response_ids) for r in reward.calls[0]] == [11, 10]
 
 
 def test_token_adaptive_truncates_resamples_and_masks():
@@ -394,7 +434,8 @@ def test_token_adaptive_two_ranks_run_the_same_rounds():
     reducer = ThreadedAllReduce(2)
     gens = [ScriptedGenerator(lambda req, k: INITIAL_1), ScriptedGenerator(token_script)]
     stats = [FakeTokenStats(), FakeTokenStats()]
-    cfg = sampler_cfg("token_adaptive", token_adaptive=dict(min_prefix_length=5, adaptive_temperature_scale=1.5))
+    cfg = sampler_cfg("token_adaptive", token_adaptive=dict(min_prefix_length=5, adaptive_temperature_scale=1.5,
+                                                            target_rollouts=2))
 
     def rank(r):
         ctx = SamplerContext(gens[r], FakeReward(), token_stats=stats[r], all_reduce_sum=reducer.for_rank(r))
@@ -415,7 +456,8 @@ def test_every_sampler_feeds_to_tensors(type_):
             return [F, CORRECT]
         return [F] * 3 + [HIGH_ENTROPY if k == 0 else F, F, CORRECT if k % 2 else WRONG]
 
-    cfg = sampler_cfg(type_, adaptive=dict(max_n=4, rollouts_per_batch=2), token_adaptive=dict(min_prefix_length=2))
+    cfg = sampler_cfg(type_, adaptive=dict(max_n=4, rollouts_per_batch=2),
+                      token_adaptive=dict(min_prefix_length=2, target_rollouts=3))
     sampler = build_sampler(cfg, n=3, temperature=1.0, train_batch_size=2, gen_batch_size=2)
     ctx = SamplerContext(ScriptedGenerator(script), FakeReward(), token_stats=FakeTokenStats(),
                          next_prompts=lambda k: make_prompts(k, start=10))
