@@ -6,14 +6,17 @@ Layout of one checkpoint, <dir>/step-N/:
     trainer_state.json      step, the caller's data position, LR scheduler, world size
     rng/rank-R.pt           trainer generator + torch RNG states of rank R
     hf/                     config.json + tokenizer files of the model (what `rlx export` needs)
+    MANIFEST.json           size + sha256 of every file above (checkpoint_manifest.py)
     COMPLETE                written last: a checkpoint counts only once it has this
 A save writes step-N.tmp/ and renames it to step-N/ after every rank finished and COMPLETE is in.
+A load verifies the manifest, reads DCP metadata without arbitrary unpickling, and refuses NaN/inf
+values; `resume = "auto"` falls back to the newest checkpoint that passes, moving the others aside.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,7 +39,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from rlx import distributed
-from rlx.errors import UserError
+from rlx.checkpoint_manifest import agree, check_finite, load_dcp_metadata, safe_dcp_load, verify_files, write_manifest
+from rlx.errors import CheckpointError, UserError
+
+logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -49,6 +55,7 @@ HF_META_FILES = (
 )  # fmt: skip
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+DAMAGED_SUFFIX = ".damaged"
 _MAX_NAMES = 10
 # Optimizer state keyed by parameter name (not by param-group index), so a checkpoint loads into an
 # optimizer whose groups differ (build_optimizer groups parameters by mesh, which depends on TP).
@@ -64,6 +71,8 @@ class TrainState:
     data: dict[str, Any] = field(default_factory=dict)
     """The caller's data position, as given to save()."""
     path: Path | None = None
+    skipped: list[str] = field(default_factory=list)
+    """Newer checkpoints that `resume = "auto"` skipped, each "step-N: why" (log or count them)."""
 
 
 # One process without a process group (tests, `rlx export`) is an intended DCP mode, not a mistake.
@@ -132,7 +141,7 @@ def _model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 def check_model_matches(path: str | os.PathLike, model: nn.Module) -> None:
     """Raise a UserError naming the tensors whose names or shapes differ between `model` and the
     checkpoint at `path` (a checkpoint of a different model)."""
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    meta = load_dcp_metadata(path).state_dict_metadata
     saved = {k: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
     expected = _model_shapes(model)
     missing = [k[6:] for k in expected if k not in saved]
@@ -159,10 +168,41 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
         load_hf_weights_sharded(model, path)
         return
     path = resolve_checkpoint(path)
+    _warn_if_unverified(path, verify_files(path))
     check_model_matches(path, model)
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist())
+    safe_dcp_load(state, path, no_dist=_no_dist())
+    check_finite(state, path)
     set_model_state_dict(model, state["model"])
+
+
+def _warn_if_unverified(path: Path, verified: bool) -> None:
+    if not verified and distributed.is_main():
+        logger.warning("checkpoint %s has no MANIFEST.json (saved by an older rlx): loading it without "
+                       "verifying its files", path)  # fmt: skip
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json, checked: a CheckpointError naming the file otherwise."""
+    file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {STATE_FILE}: it is damaged") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}): the checkpoint is damaged") from None
+    problem = None
+    if not isinstance(state, dict):
+        problem = f"holds a {type(state).__name__}, not an object"
+    elif not isinstance(state.get("step"), int) or isinstance(state["step"], bool) or state["step"] < 0:
+        problem = f"'step' must be a non-negative integer, got {state.get('step')!r}"
+    elif not isinstance(state.get("data", {}), dict):
+        problem = "'data' must be an object"
+    elif not isinstance(state.get("scheduler"), (dict, type(None))):
+        problem = "'scheduler' must be an object or null"
+    if problem:
+        raise CheckpointError(f"{file}: {problem}; the checkpoint is damaged")
+    return state
 
 
 # ---- the checkpointer --------------------------------------------------------------------------
@@ -261,6 +301,7 @@ class Checkpointer:
 
     def _finalize(self, tmp: Path, final: Path) -> None:
         distributed.barrier()  # every rank's shards and RNG file are written
+        write_manifest(tmp)  # collective: each rank hashes the files it wrote
         if distributed.is_main():
             (tmp / COMPLETE).write_text("")
             if final.exists():
@@ -282,45 +323,89 @@ class Checkpointer:
     # ---- load ----
 
     def maybe_resume(self) -> TrainState | None:
-        """Resume per cfg.resume: "auto" (the latest complete checkpoint in dir, if any), "none",
-        or a checkpoint path. Returns None when starting fresh."""
+        """Resume per cfg.resume: "auto" (the newest complete checkpoint in dir that verifies, if
+        any), "none", or a checkpoint path (a step-N directory, or a directory of them: the newest
+        that verifies). Returns None when starting fresh. Checkpoints that fail verification are
+        skipped with a warning (and, under "auto", renamed step-N.damaged so that later resumes
+        and pruning ignore them); when none verifies, a CheckpointError lists why."""
         resume = self.cfg.resume
         if resume == "none":
             return None
         if resume == "auto":
-            path = latest_checkpoint(self.dir)
-            if path is None:
+            candidates, where = [p for _, p in reversed(list_checkpoints(self.dir))], self.dir
+            if not candidates:
                 return None
         else:
-            path = resolve_checkpoint(resume)
-        return self.load(path)
+            where = Path(resume)
+            if is_complete(where) or _STEP_DIR.match(where.name) or _TMP_DIR.match(where.name):
+                return self.load(where)  # one named checkpoint: its problems are the error
+            candidates = [p for _, p in reversed(list_checkpoints(where))]
+            if not candidates:
+                raise UserError(f"no complete checkpoint (step-N/ with a {COMPLETE} marker) in {where}")
+        skipped = []
+        for path in candidates:
+            try:
+                state = self.load(path)
+            except CheckpointError as e:
+                if distributed.is_main():
+                    logger.warning("skipping checkpoint %s: %s", path, e)
+                skipped.append((path, str(e)))
+                continue
+            state.skipped = [f"{p.name}: {why}" for p, why in skipped]
+            if skipped and resume == "auto":
+                self._set_aside([p for p, _ in skipped])
+            return state
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        raise CheckpointError(f"no checkpoint in {where} can be loaded ({reasons}); move the damaged ones away, or set "
+                              "checkpoint.resume = \"none\" to start over")  # fmt: skip
+
+    def _set_aside(self, paths: list[Path]) -> None:
+        """Rename damaged checkpoints step-N -> step-N.damaged (kept for inspection, never pruned
+        or resumed from, and no longer shadowing the checkpoints saved after the resume)."""
+        if distributed.is_main():
+            for path in paths:
+                target = path.with_name(path.name + DAMAGED_SUFFIX)
+                shutil.rmtree(target, ignore_errors=True)
+                path.rename(target)
+                logger.warning("moved damaged checkpoint %s to %s", path, target)
+        distributed.barrier()
 
     def load(self, path: str | os.PathLike) -> TrainState:
-        """Restore everything from checkpoint `path`, at any world size or mesh (DCP reshards)."""
+        """Restore everything from checkpoint `path`, at any world size or mesh (DCP reshards).
+        Verifies the manifest first and refuses NaN/inf weights or optimizer state: any problem is a
+        CheckpointError, raised on every rank. Collective."""
         path = resolve_checkpoint(path)
-        check_model_matches(path, self.model)
+        _warn_if_unverified(path, verify_files(path))
+        trainer_state, rng, problem = None, None, None
+        try:  # the small files, checked on every rank before any tensor is touched
+            trainer_state = read_trainer_state(path)
+            rng = _read_rng(path)
+            check_model_matches(path, self.model)
+        except CheckpointError as e:
+            problem = str(e)
+        except UserError as e:  # another model: not a damaged checkpoint, but no use either
+            problem = str(e)
+        problem = agree(problem)
+        if problem:
+            raise CheckpointError(problem)
         state = {"model": get_model_state_dict(self.model)}
         if self.optimizer is not None:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
-        dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist())
+        safe_dcp_load(state, path, no_dist=_no_dist())
+        check_finite(state, path)
         set_model_state_dict(self.model, state["model"])
         if self.optimizer is not None:
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"], options=_OPTIM_OPTIONS)
-        trainer_state = json.loads((path / STATE_FILE).read_text())
         if self.scheduler is not None and trainer_state.get("scheduler"):
             # base_lrs/_last_lr are per param group, and the grouping may differ at another mesh;
             # the optimizer state already restored each group's current lr.
             sched = {k: v for k, v in trainer_state["scheduler"].items() if k not in ("base_lrs", "_last_lr")}
             self.scheduler.load_state_dict(sched)
             self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        self._load_rng(path)
+        self._set_rng(rng)
         return TrainState(step=trainer_state["step"], data=trainer_state.get("data", {}), path=path)
 
-    def _load_rng(self, path: Path) -> None:
-        # At another world size a rank may have no file of its own; rank 0's is the fallback
-        # (the trainer generator is seeded identically on every rank).
-        own = path / "rng" / f"rank-{distributed.rank():05d}.pt"
-        rng = torch.load(own if own.is_file() else path / "rng" / "rank-00000.pt", weights_only=True)
+    def _set_rng(self, rng: dict[str, Any]) -> None:
         torch.set_rng_state(rng["torch"])
         if self.generator is not None and "generator" in rng:
             self.generator.set_state(rng["generator"])
@@ -328,68 +413,29 @@ class Checkpointer:
             torch.cuda.set_rng_state(rng["cuda"])
 
 
-def _copy_hf_meta(src: Path, out: Path) -> None:
-    """Tokenizer and generation files of an HF directory (config.json is written from ModelArgs)."""
-    for name in HF_META_FILES:
-        if name != "config.json" and (src / name).is_file():
-            shutil.copy2(src / name, out / name)
-
-
-def save_hf_from_sharded(
-    model: nn.Module, out: str | os.PathLike, hf_src: str | os.PathLike | None = None, dtype: torch.dtype | None = None
-) -> Path:
-    """Write a live (possibly sharded) model as an HF directory: rank 0 gathers full weights on
-    CPU and writes config.json + safetensors, plus the tokenizer files of `hf_src`. Collective."""
-    from rlx.models import save_hf_state_dict
-    from rlx.models.hf_io import TIED_HEAD
-
-    out = Path(out)
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if distributed.is_main():
-        if model.args.tie_word_embeddings:
-            state.pop(TIED_HEAD, None)  # HF stores the tied matrix once
-        save_hf_state_dict(state, model.args, out, dtype)
-        if hf_src is not None:
-            _copy_hf_meta(Path(hf_src), out)
-    distributed.barrier()
-    return out
-
-
-# ---- rlx export --------------------------------------------------------------------------------
-
-
-def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write the model of DCP checkpoint `ckpt` as an HF directory (config.json, safetensors,
-    tokenizer files) to `out`. Single process; the full model is materialized on CPU."""
-    from rlx.models import ModelArgs, build_model, read_hf_config, save_pretrained
-
-    path = resolve_checkpoint(ckpt)
-    hf = path / HF_SUBDIR
-    if not (hf / "config.json").is_file():
-        raise UserError(f"checkpoint {path} has no {HF_SUBDIR}/config.json: it was saved without the model's HF "
-                        "directory (Checkpointer(hf_dir=...))")  # fmt: skip
-    model = build_model(ModelArgs.from_hf_config(read_hf_config(hf)), device="meta")
-    model.to_empty(device="cpu")
-    check_model_matches(path, model)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    model.load_state_dict(state["model"])
-    out = save_pretrained(model, out, dtype=dtype)
-    _copy_hf_meta(hf, out)
-    return out
-
-
-def export_main(argv: list[str]) -> int:
-    """`rlx export CKPT OUT [--dtype D]`."""
-    p = argparse.ArgumentParser(prog="rlx export",
-                                description="Write an HF directory (safetensors) from a DCP checkpoint.")  # fmt: skip
-    p.add_argument("ckpt", help="a checkpoint step-N directory, or a directory of them (the latest complete one)")
-    p.add_argument("out", help="output HF directory")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="saved dtype (default: as trained)")
+def _read_rng(path: Path) -> dict[str, Any]:
+    """This rank's RNG states. At another world size a rank may have no file of its own; rank 0's
+    is the fallback (the trainer generator is seeded identically on every rank)."""
+    own = path / "rng" / f"rank-{distributed.rank():05d}.pt"
+    file = own if own.is_file() else path / "rng" / "rank-00000.pt"
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no rng/rank-00000.pt (RNG states): it is damaged; to start "
+                              f"from its weights only, use checkpoint.init_from={path} with checkpoint.resume=none")  # fmt: skip
     try:
-        a = p.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    out = export_checkpoint(a.ckpt, a.out, getattr(torch, a.dtype) if a.dtype else None)
-    print(f"rlx export: wrote {out}")
-    return 0
+        rng = torch.load(file, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file} is damaged ({type(e).__name__})") from None
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+        raise CheckpointError(f"{file} does not hold RNG states: the checkpoint is damaged")
+    return rng
+
+
+# `rlx export` and HF directories from a live model live in checkpoint_export.py; their names stay
+# importable from here.
+from rlx.checkpoint_export import export_checkpoint, export_main, save_hf_from_sharded  # noqa: E402
+
+__all__ = [
+    "COMPLETE", "Checkpointer", "TrainState", "check_model_matches", "export_checkpoint", "export_main",
+    "is_complete", "latest_checkpoint", "list_checkpoints", "load_model_weights", "read_trainer_state",
+    "resolve_checkpoint", "save_hf_from_sharded", "step_dir",
+]  # fmt: skip
