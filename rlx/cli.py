@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rlx.trainer.rl:main", "RL post-training from a TOML config (also: python -m rlx.train)"),
     "sft": ("rlx.trainer.sft:main", "supervised fine-tuning (the RL warm start)"),
     "quickstart": ("rlx.trainer.quickstart:main", "CPU quickstart: tiny model, SFT warm start, GRPO, curves"),
-    "eval": ("rlx.trainer.evaluate:main", "validation accuracy of a model or checkpoint on a prompt set"),
+    "eval": ("rlx.trainer.evaluate:main", "reward, accuracy and pass@k of a model or checkpoint on a prompt set"),
     "export": ("rlx.checkpoint:export_main", "DCP checkpoint -> HF directory (safetensors)"),
     "plot": ("rlx.plot:main", "PNG curves from one or more run directories"),
     "make-tiny": ("rlx.models.tiny:main", "write a tiny random HF-format model + tokenizer"),

@@ -248,11 +248,11 @@ def run(cfg: Config, opts: EvalOptions) -> dict | None:
                 f" + checkpoint {dcp}" if dcp else "", len(prompts), gen.val_n, gen.val_temperature)  # fmt: skip
 
     device = distributed.init_distributed(cfg.parallel.backend)
-    # Mesh and policy before the engine, in the trainer's order (rl_setup.build_stages).
-    model, step = load_checkpoint_model(cfg, hf_dir, dcp, device) if dcp else (None, None)
-    engine = build_generator(gen, hf_dir, max_prompt_length=cfg.data.max_prompt_length)
-    reward = None
+    engine = reward = None
     try:
+        # Mesh and policy before the engine, in the trainer's order (rl_setup.build_stages).
+        model, step = load_checkpoint_model(cfg, hf_dir, dcp, device) if dcp else (None, None)
+        engine = build_generator(gen, hf_dir, max_prompt_length=cfg.data.max_prompt_length)
         if model is not None:
             from rlx.weight_sync import WeightSync
 
@@ -266,15 +266,17 @@ def run(cfg: Config, opts: EvalOptions) -> dict | None:
     finally:
         if reward is not None:
             reward.close()
-        engine.shutdown()  # before the process group goes (FINDINGS.md)
+        if engine is not None:
+            engine.shutdown()  # before the process group goes (FINDINGS.md)
         distributed.teardown_distributed()
     if records is None:
         return None
     sums["dropped_prompts"] += prompts.num_filtered  # over max_prompt_length: dropped when loading
     files = cfg.data.val_files if opts.split == "val" else cfg.data.train_files
     summary = {**summarize(sums, gen.val_n), "temperature": gen.val_temperature, "model": os.path.abspath(hf_dir),
-               "checkpoint": os.path.abspath(dcp) if dcp else None, "step": step, "split": opts.split, "files": list(files),
-               "samples": str(out_dir / "samples.jsonl"), "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+               "checkpoint": os.path.abspath(dcp) if dcp else None, "step": step, "split": opts.split,
+               "files": list(files), "samples": str(out_dir / "samples.jsonl"),
+               "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
     write_outputs(out_dir, records, summary)
     logger.info("wrote %d samples to %s", len(records), out_dir / "samples.jsonl")
     return summary

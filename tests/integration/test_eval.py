@@ -139,6 +139,7 @@ def test_eval_prints_one_summary_line_consistent_with_samples(setup, exported_ev
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.distributed
 def test_eval_of_dcp_checkpoint_under_torchrun_matches_its_hf_export(setup, exported_eval, parity_reward_dir):
     # Two ranks: the policy is FSDP-sharded over both, DCP reshards the checkpoint onto it, weight
     # sync gathers it into each rank's engine, each engine evaluates every other prompt, rank 0
