@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rlx.config import Config, parse_args
-from rlx.errors import UserError
+from rlx.errors import UserError, ensure_writable_dir
 from rlx.trainer.eval_metrics import add_prompt, empty_sums, summarize
 
 logger = logging.getLogger("rlx.eval")
@@ -136,7 +136,7 @@ def load_checkpoint_model(cfg: Config, hf_dir: str, dcp: Path, device: Any) -> t
     import torch
 
     from rlx import distributed
-    from rlx.checkpoint import STATE_FILE, load_model_weights
+    from rlx.checkpoint import load_model_weights, read_trainer_state
     from rlx.parallel import ParallelDims, build_parallel_model
 
     dims = ParallelDims.from_config(cfg.parallel, distributed.world_size())
@@ -144,8 +144,7 @@ def load_checkpoint_model(cfg: Config, hf_dir: str, dcp: Path, device: Any) -> t
     model = build_parallel_model(hf_dir, dims, cfg.parallel, device=device, dtype=getattr(torch, cfg.model.dtype),
                                  reference=True)  # fmt: skip
     load_model_weights(dcp, model)  # names or shapes that differ from model.path fail here, before the engine
-    state = dcp / STATE_FILE
-    return model, int(json.loads(state.read_text()).get("step", 0)) if state.is_file() else 0
+    return model, read_trainer_state(dcp)["step"]
 
 
 # ---- the evaluation loop -------------------------------------------------------------------------
@@ -244,6 +243,8 @@ def run(cfg: Config, opts: EvalOptions) -> dict | None:
     encode = make_encode(tokenizer, cfg.model.use_chat_template)
     prompts = load_prompt_set(cfg.data, opts.split, encode, tokenizer.decode)
     out_dir = Path(opts.output_dir) if opts.output_dir else Path(cfg.job.output_dir) / cfg.job.name / "eval"
+    if os.environ.get("RANK", "0") == "0":  # rank 0 writes; fail before the slow part, not after it
+        ensure_writable_dir(out_dir, "--output-dir" if opts.output_dir else "the eval directory <run dir>/eval")
     logger.info("evaluating %s%s on %d prompts x %d samples (temperature %g)", hf_dir,
                 f" + checkpoint {dcp}" if dcp else "", len(prompts), gen.val_n, gen.val_temperature)  # fmt: skip
 
