@@ -50,8 +50,15 @@ class EvalOptions:
     """Where samples.jsonl and summary.json go; None: <job.output_dir>/<job.name>/eval."""
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line `rlx: error:` messages (as the config loader's)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
 def build_eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlx eval", description=DESCRIPTION, allow_abbrev=False,
+    p = _ArgumentParser(prog="rlx eval", description=DESCRIPTION, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--config", metavar="PATH", help="TOML experiment file, as for rlx train (a run's config.toml works)")
     p.add_argument("--checkpoint", metavar="DIR",

@@ -205,6 +205,7 @@ def test_eval_options_and_config_overrides_are_separated(tmp_path):
         (["--data.val_files=[]"], "data.val_files is empty"),
         (["--split=train"], "data.train_files is empty"),
         (["--data.val_files={root}/missing.jsonl"], "missing.jsonl does not exist"),
+        (["--split=test"], "rlx eval: argument --split: invalid choice: 'test'"),
         (["--output-dir={root}/eval.toml/out"], "--output-dir '{root}/eval.toml/out' is not a writable directory"),
     ],
 )
