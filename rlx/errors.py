@@ -32,3 +32,14 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> None:
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise UserError(f"{what} '{path}' is not a writable directory ({reason}): choose another or fix its permissions") from None
+
+
+class RunStopped(BaseException):
+    """The run ended because of a signal (SIGTERM, SIGINT): after the current step and its
+    checkpoint, or at once on a second signal. A BaseException, so that it unwinds through
+    `except Exception` and the reward scorer; the CLI prints `rlx: <message>` and exits with
+    `exit_code` (128 + the signal number: 143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,10 +1,13 @@
 """Reward scorers: decode rollouts, run the reward function inline, in a process pool or on Ray.
 
-Failures never raise: a reward that raises, hangs or returns garbage scores 0 and is counted.
+Failures never raise: a reward that raises (anything, KeyboardInterrupt and CancelledError
+included), hangs or returns garbage scores 0 and is counted; only the failure guard (guard.py)
+stops a run whose reward keeps failing. Pool workers die with the trainer, even on SIGKILL.
 """
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import logging
 import math
@@ -20,8 +23,15 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any
 
+from rlx.errors import RunStopped, UserError
 from rlx.reward.builtins import resolve_reward_fn
+from rlx.reward.guard import RewardFailureGuard
 from rlx.types import RewardResult, Rollout
+
+try:
+    import resource
+except ImportError:  # not on POSIX: no per-worker limits
+    resource = None
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +56,35 @@ class _RewardTimeout(BaseException):
     """Raised by SIGALRM inside a reward call; a BaseException so `except Exception` cannot swallow it."""
 
 
+class _RewardCpuLimit(BaseException):
+    """Raised by SIGXCPU inside a reward call in a pool worker (reward.worker_cpu_seconds)."""
+
+
 _ALARM_ARMED = [False]
+# Per-worker limits, set by the pool's initializer only (never in the trainer's process).
+_LIMITS = {"memory_mb": 0, "cpu_seconds": 0}
 
 
 def _on_alarm(signum, frame):
     if _ALARM_ARMED[0]:  # a late signal after the call returned is ignored
         raise _RewardTimeout()
+
+
+def _on_xcpu(signum, frame):
+    if _ALARM_ARMED[0]:
+        raise _RewardCpuLimit()
+
+
+def _set_cpu_soft_limit(seconds: int) -> None:
+    """RLIMIT_CPU counts the process's whole life: re-arm the soft limit at `seconds` from now
+    (0 = none) so that it bounds one reward call. The hard limit is left alone (it cannot be raised)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = hard
+    if seconds:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        soft = math.ceil(usage.ru_utime + usage.ru_stime) + int(seconds)
+        soft = soft if hard == resource.RLIM_INFINITY else min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
 @contextmanager
@@ -99,21 +132,37 @@ def normalize_reward(value) -> Outcome:
 
 def _score_one(fn: Callable, item: Item, kwargs: dict, timeout_s: float | None) -> Outcome:
     response, ground_truth, context = item
+    cpu_s = _LIMITS["cpu_seconds"]
     try:
+        _ALARM_ARMED[0] = True
         if timeout_s:
-            _ALARM_ARMED[0] = True
             signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        if cpu_s:
+            _set_cpu_soft_limit(cpu_s)
         try:
             value = fn(response, ground_truth, **kwargs, **context)
         finally:
             _ALARM_ARMED[0] = False
             if timeout_s:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+            if cpu_s:
+                _set_cpu_soft_limit(0)
     except _RewardTimeout:
         return ("timeout", 0.0, {}, f"timed out after {timeout_s:g} s")
-    except (Exception, SystemExit) as e:
-        return ("error", 0.0, {}, f"{type(e).__name__}: {e}")
+    except _RewardCpuLimit:
+        return ("timeout", 0.0, {}, f"used more than reward.worker_cpu_seconds={cpu_s} s of CPU time")
+    except RunStopped:  # the trainer's own abort (a second SIGTERM/SIGINT) is not the function's failure
+        raise
+    except BaseException as e:  # never into the trainer: KeyboardInterrupt, CancelledError, SystemExit too
+        return ("error", 0.0, {}, _describe(e))
     return normalize_reward(value)
+
+
+def _describe(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".rstrip(": ")
+    if isinstance(e, MemoryError) and _LIMITS["memory_mb"]:
+        text += f" (the worker is limited to reward.worker_memory_mb={_LIMITS['memory_mb']})"
+    return text
 
 
 def score_items(
@@ -140,7 +189,12 @@ def score_items(
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(sys_path: list[str], fn_spec, kwargs: dict, timeout_s: float, beats, slots) -> None:
+def _init_worker(sys_path: list[str], fn_spec, kwargs: dict, timeout_s: float, beats, slots, parent_pid: int,
+                 limits: dict[str, int]) -> None:  # fmt: skip
+    _die_with_parent(parent_pid)
+    # Ctrl-C reaches every process of the terminal's process group: the trainer decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _apply_limits(limits)
     # Spawned workers start from a fresh interpreter: give them the trainer's import path so a
     # user reward module importable in the trainer is importable here too.
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
@@ -153,8 +207,38 @@ def _init_worker(sys_path: list[str], fn_spec, kwargs: dict, timeout_s: float, b
     try:
         _WORKER["fn"] = resolve_reward_fn(fn_spec)
         _warmup(_WORKER["fn"])
-    except Exception as e:
-        _WORKER["init_error"] = e
+    except BaseException as e:
+        _WORKER["init_error"] = e if isinstance(e, Exception) else RuntimeError(_describe(e))
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this worker when the trainer dies, even by SIGKILL (Linux: prctl
+    PR_SET_PDEATHSIG; it fires when the thread that started the pool exits, which is the trainer's
+    main thread). Elsewhere the worker lives until the pool is shut down."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the trainer died before prctl took effect
+        os._exit(1)
+
+
+def _apply_limits(limits: dict[str, int]) -> None:
+    """reward.worker_memory_mb (RLIMIT_AS of the whole worker) and reward.worker_cpu_seconds (per
+    reward call, re-armed around each call; SIGXCPU interrupts the call)."""
+    _LIMITS.update(limits)
+    if resource is None:
+        return
+    if limits.get("memory_mb"):
+        nbytes = int(limits["memory_mb"]) * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
+    if limits.get("cpu_seconds"):
+        signal.signal(signal.SIGXCPU, _on_xcpu)
 
 
 def _warmup(fn: Callable) -> None:
@@ -202,9 +286,10 @@ def _split(indices: list[int], num_chunks: int) -> list[list[int]]:
 
 
 class _Scorer:
-    """Decodes rollouts, runs `_run(items)` (per backend) and counts failures; `score` never raises."""
+    """Decodes rollouts, runs `_run(items)` (per backend) and counts failures. `score` never raises,
+    except the `RewardFailureError` of an optional `RewardFailureGuard` (`guard`)."""
 
-    def __init__(self, fn_spec, tokenizer, kwargs: dict | None, timeout_s: float):
+    def __init__(self, fn_spec, tokenizer, kwargs: dict | None, timeout_s: float, guard: RewardFailureGuard | None = None):
         self.fn = resolve_reward_fn(fn_spec)  # fail early, in the trainer, on a bad path
         self.fn_spec = fn_spec
         self.name = fn_spec if isinstance(fn_spec, str) else getattr(fn_spec, "__qualname__", repr(fn_spec))
@@ -212,6 +297,7 @@ class _Scorer:
         self.kwargs = dict(kwargs or {})
         self.timeout_s = float(timeout_s)
         self.context_params = _context_params(self.fn)
+        self.guard = guard
         self._counts = _zero_counts()
 
     def score(self, rollouts: Sequence[Rollout]) -> list[RewardResult]:
@@ -226,6 +312,15 @@ class _Scorer:
         since the last call; resets the counters."""
         counts, self._counts = self._counts, _zero_counts()
         return {k: float(v) for k, v in counts.items()}
+
+    def end_step(self, failures: float, num_scored: float) -> dict[str, float]:
+        """Close a training step for the failure guard with the step's `reward/failures` and
+        `reward/num_scored` summed over data-parallel ranks (the same numbers on every rank).
+        Returns `reward/failure_fraction` and `reward/failed_steps`; raises `RewardFailureError`
+        when the reward failed too often for too long (reward.max_failure_fraction / max_failed_steps)."""
+        if self.guard is None:
+            return {}
+        return self.guard.end_step(failures, num_scored)
 
     def close(self) -> None:
         pass
@@ -266,6 +361,8 @@ class _Scorer:
                 "reward fn %r failed on %d/%d rollouts (scored 0); first: %s",
                 self.name, len(failures), len(outcomes), failures[0],
             )
+        if self.guard is not None:
+            self.guard.observe(len(failures), len(outcomes), failures[0] if failures else None)
         return results
 
     def _run(self, items: list[Item]) -> list[Outcome]:
@@ -289,8 +386,8 @@ class InlineScorer(_Scorer):
     """Scores in the calling process: for tests and debugging. Hangs are cut by SIGALRM when called
     from the main thread; a hang that ignores signals blocks the caller."""
 
-    def __init__(self, fn_spec, tokenizer, kwargs=None, timeout_s: float = 10.0):
-        super().__init__(fn_spec, tokenizer, kwargs, timeout_s)
+    def __init__(self, fn_spec, tokenizer, kwargs=None, timeout_s: float = 10.0, guard: RewardFailureGuard | None = None):
+        super().__init__(fn_spec, tokenizer, kwargs, timeout_s, guard)
         _warmup(self.fn)
 
     def _run(self, items: list[Item]) -> list[Outcome]:
@@ -304,19 +401,29 @@ class ProcessScorer(_Scorer):
     busy on one rollout `_KILL_GRACE_S` after that (signals blocked, or C code holding the GIL) is
     found from a shared heartbeat (current rollout, start time, pid per worker): that rollout is a
     timeout, the pool is killed and rebuilt, and the call's other unfinished rollouts run again.
-    A worker that dies mid-rollout (segfault, os._exit, OOM kill) makes that rollout an error.
+    A worker that dies mid-rollout (segfault, os._exit, OOM kill) makes that rollout an error;
+    workers killed from outside (SIGTERM/SIGINT/SIGHUP to the job's processes) re-run their rollouts.
+
+    Workers die with the trainer, even on SIGKILL (Linux), ignore SIGINT (the trainer handles
+    Ctrl-C), and run under `memory_mb` (RLIMIT_AS per worker) and `cpu_seconds` (CPU time per
+    reward call) when set. Call `score` from the thread that built the scorer (the trainer's main
+    thread): the kernel ties the workers' lives to the thread that started them.
     """
 
-    def __init__(self, fn_spec, tokenizer, kwargs=None, timeout_s: float = 10.0, num_workers: int = 2):
-        super().__init__(fn_spec, tokenizer, kwargs, timeout_s)
+    def __init__(self, fn_spec, tokenizer, kwargs=None, timeout_s: float = 10.0, num_workers: int = 2, *,
+                 memory_mb: int = 0, cpu_seconds: int = 0, guard: RewardFailureGuard | None = None):  # fmt: skip
+        super().__init__(fn_spec, tokenizer, kwargs, timeout_s, guard)
         self.num_workers = int(num_workers)
+        self.limits = {"memory_mb": int(memory_mb), "cpu_seconds": int(cpu_seconds)}
         self._pool: ProcessPoolExecutor | None = None
+        self._external_kills = 0
         self._start()
 
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._beats = ctx.Array("d", 3 * self.num_workers, lock=False)
-        initargs = (list(sys.path), self.fn_spec, self.kwargs, self.timeout_s, self._beats, ctx.Value("i", 0))
+        initargs = (list(sys.path), self.fn_spec, self.kwargs, self.timeout_s, self._beats, ctx.Value("i", 0),
+                    os.getpid(), self.limits)  # fmt: skip
         self._pool = ProcessPoolExecutor(self.num_workers, mp_context=ctx, initializer=_init_worker, initargs=initargs)
         # Start every worker now and resolve the function there: an import that works in the
         # trainer but not in a fresh interpreter fails here, loudly, not as silent zero rewards.
@@ -324,14 +431,28 @@ class ProcessScorer(_Scorer):
         try:
             for ping in pings:
                 ping.result(timeout=60 + self.timeout_s)
-        except BaseException:
+        except BaseException as e:
             self._kill()
-            raise
+            if isinstance(e, UserError) or not isinstance(e, Exception):
+                raise
+            raise UserError(f"reward workers for {self.name!r} could not start: {self._start_failure(e)}") from None
         self._processes = dict(self._pool._processes)  # pid -> Process, to tell crashes apart
+
+    def _start_failure(self, e: Exception) -> str:
+        if isinstance(e, TimeoutError):
+            text = f"no answer within {60 + self.timeout_s:g} s"
+        elif isinstance(e, BrokenProcessPool):
+            text = "a worker process exited while starting"
+        else:
+            text = f"{type(e).__name__}: {e}".rstrip(": ")
+        if self.limits["memory_mb"] and isinstance(e, (MemoryError, BrokenProcessPool)):
+            text += f" (reward.worker_memory_mb={self.limits['memory_mb']} may be too low for the interpreter and its imports)"
+        return text
 
     def _run(self, items: list[Item]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(items)
         todo = list(range(len(items)))
+        self._external_kills = 0
         while todo:
             futures = {}
             for chunk in _split(todo, self.num_workers):
@@ -380,17 +501,41 @@ class ProcessScorer(_Scorer):
 
     def _blame_crash(self, outcomes: list) -> None:
         """A worker died (os._exit, segfault, OOM kill): the rollout it was on scores as an error.
-        The executor SIGTERMs the other workers, so a different exit code marks the culprit."""
+        The executor SIGTERMs the other workers, so a different exit code marks the culprit. When
+        every worker died by a signal from outside (scancel, a terminal's Ctrl-C), nothing is the
+        function's fault: the rollouts are re-run on a new pool (twice at most per call)."""
         for process in self._processes.values():
             process.join(timeout=5)
+        codes = [p.exitcode for p in self._processes.values() if p.exitcode is not None]
+        outside = (-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP)
+        if codes and all(code in outside for code in codes) and self._external_kills < 2:
+            self._external_kills += 1
+            logger.warning("reward workers were stopped from outside (exit codes %s); re-running their rollouts",
+                           sorted(set(codes)))  # fmt: skip
+            return
         busy = [(i, self._processes[pid].exitcode) for _, i, pid in self._busy() if pid in self._processes]
         culprits = [(i, code) for i, code in busy if code is not None and code != -signal.SIGTERM] or busy
         for i, code in culprits:
-            outcomes[i] = ("error", 0.0, {}, f"the reward worker process died (exit code {code})")
+            outcomes[i] = ("error", 0.0, {}, self._death_message(code))
         if not culprits:  # nothing to go by: fail what is left rather than loop forever
             for i, o in enumerate(outcomes):
                 if o is None:
                     outcomes[i] = ("error", 0.0, {}, "the reward worker pool broke")
+
+    def _death_message(self, code: int | None) -> str:
+        if code == -signal.SIGKILL:
+            limit = self.limits["memory_mb"]
+            return "the reward worker was killed (SIGKILL: out of memory?" + (
+                f" it is limited to reward.worker_memory_mb={limit})" if limit else ")")
+        if code == -getattr(signal, "SIGXCPU", 24):
+            return f"the reward worker used more than reward.worker_cpu_seconds={self.limits['cpu_seconds']} s of CPU time"
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"the reward worker process died ({name})"
+        return f"the reward worker process died (exit code {code})"
 
     def _restart(self) -> None:
         self._kill()
@@ -409,80 +554,17 @@ class ProcessScorer(_Scorer):
         self._pool = None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray
-
-
-def _ray_score_chunk(sys_path: list[str], fn_spec, kwargs: dict, items: list[Item], timeout_s: float) -> list[Outcome]:
-    """Body of the Ray task: one call scores one chunk (SIGALRM per rollout where Ray runs tasks
-    on the worker's main thread)."""
-    sys.path[:0] = [p for p in sys_path if p not in sys.path]
-    try:
-        fn = resolve_reward_fn(fn_spec)
-        _warmup(fn)
-    except Exception as e:  # UserError from a worker that cannot import the function
-        return [("error", 0.0, {}, f"{type(e).__name__}: {e}")] * len(items)
-    return score_items(fn, items, kwargs, timeout_s)
-
-
-class RayScorer(_Scorer):
-    """Scores on a Ray cluster: one remote call per chunk, `num_workers` chunks per `score` call.
-
-    `ray_address` empty starts a local Ray with `num_workers` CPUs; its workers get the trainer's
-    import path (PYTHONPATH). On a remote cluster rlx and the reward module must be installed on
-    the workers. Each rollout gets `timeout_s` (SIGALRM in the worker); a chunk that has not
-    returned after `timeout_s` x its size + grace is cancelled (worker killed) and its rollouts
-    score as timeouts. `close()` leaves Ray running (it may be shared): `ray.shutdown()` is the caller's.
-    """
-
-    def __init__(self, fn_spec, tokenizer, kwargs=None, timeout_s: float = 10.0, num_workers: int = 2, ray_address: str = ""):
-        super().__init__(fn_spec, tokenizer, kwargs, timeout_s)
-        try:
-            import ray
-        except ImportError as e:
-            from rlx.errors import UserError
-
-            raise UserError("reward.backend='ray' needs ray: pip install 'rlx[ray]'") from e
-        self.num_workers = int(num_workers)
-        options: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True, "log_to_driver": True}
-        if ray_address:
-            options["address"] = ray_address
-        else:
-            options["num_cpus"] = self.num_workers
-            pythonpath = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-            options["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
-        if not ray.is_initialized():
-            ray.init(**options)
-        self._ray = ray
-        self._remote = ray.remote(num_cpus=1, max_retries=0)(_ray_score_chunk)
-        self.num_remote_calls = 0  # for tests and logs: remote calls made so far
-
-    def _run(self, items: list[Item]) -> list[Outcome]:
-        chunks = _split(list(range(len(items))), self.num_workers)
-        sys_path = list(sys.path)
-        refs = [
-            self._remote.remote(sys_path, self.fn_spec, self.kwargs, [items[i] for i in chunk], self.timeout_s)
-            for chunk in chunks
-        ]
-        self.num_remote_calls += len(refs)
-        deadline = self.timeout_s * max(len(c) for c in chunks) + 10 * _KILL_GRACE_S
-        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=deadline)
-        ready = set(ready)
-        outcomes: list[Outcome] = [None] * len(items)
-        for ref, chunk in zip(refs, chunks):
-            if ref in ready:
-                try:
-                    chunk_outcomes = self._ray.get(ref, timeout=self.timeout_s)
-                except Exception as e:  # RayTaskError, a dead worker, ...
-                    chunk_outcomes = [("error", 0.0, {}, f"{type(e).__name__}: {e}")] * len(chunk)
-            else:
-                self._ray.cancel(ref, force=True)
-                chunk_outcomes = [("timeout", 0.0, {}, f"Ray task over its {deadline:g} s deadline (cancelled)")] * len(chunk)
-            for i, outcome in zip(chunk, chunk_outcomes):
-                outcomes[i] = outcome
-        return outcomes
+        """Stop the workers: idle ones exit at once, busy ones are killed after a short grace (a
+        hung reward must not keep the trainer from exiting)."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        processes = list((pool._processes or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + _KILL_GRACE_S
+        for process in processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from rlx.errors import UserError
-from rlx.reward import build_reward, normalize_reward
+from rlx.reward import RewardFailureError, RewardFailureGuard, build_reward, normalize_reward
 from rlx.reward.builtins import exact_match_reward, math_reward, quickstart_reward
 from rlx.reward.scorer import _split
 from rlx.types import Prompt, Rollout
@@ -19,11 +19,19 @@ from rlx.types import Prompt, Rollout
 # A user reward module: the response text selects the behaviour, so one batch mixes cases.
 USER_MODULE = textwrap.dedent(
     '''
-    import math, os, signal, time
+    import asyncio, math, os, signal, time
 
     def score(response, ground_truth):
         if response == "raise":
             raise ValueError("boom")
+        if response in ("kbint", "cancel", "exit0", "genexit"):  # BaseExceptions: still the function's failure
+            raise {"kbint": KeyboardInterrupt, "cancel": asyncio.CancelledError, "exit0": SystemExit,
+                   "genexit": GeneratorExit}[response]("from the reward")
+        if response == "alloc":
+            return float(len(bytearray(200 * 1024 * 1024)) > 0)
+        if response == "spin":
+            while True:
+                pass
         if response == "hang":
             time.sleep(60)
         if response == "stubborn":  # ignores SIGALRM: only killing the worker stops it
@@ -58,8 +66,9 @@ def rollout(text: str, answer, prompt_text: str = "Q: 1+1=") -> Rollout:
     return Rollout(prompt_ids=[1, 2], response_ids=ids, rollout_logprobs=[0.0] * len(ids), group_id=0, prompt=prompt)
 
 
-def reward_cfg(fn, backend="process", **kw):
-    return SimpleNamespace(fn=fn, backend=backend, num_workers=2, timeout_s=TIMEOUT_S, ray_address="", kwargs=kw)
+def reward_cfg(fn, backend="process", limits=None, **kw):
+    return SimpleNamespace(fn=fn, backend=backend, num_workers=2, timeout_s=TIMEOUT_S, ray_address="", kwargs=kw,
+                           **(limits or {}))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +239,78 @@ def test_math_through_the_process_pool():
     with build_reward(reward_cfg("math"), CharTokenizer()) as scorer:
         results = scorer.score([rollout(r"\boxed{1/2}", "0.5"), rollout("It is 46", "46"), rollout("none", "7")])
     assert scores(results) == [1.0, 1.0, 0.0]
+
+
+# --- the scorer never raises; the failure guard stops a run that keeps failing -----------------
+
+
+@pytest.mark.parametrize("backend", ["inline", "process"])
+def test_base_exceptions_from_the_function_are_counted_failures(user_module, pool, backend):
+    scorer = pool if backend == "process" else build_reward(reward_cfg(f"{user_module}:score", backend="inline"),
+                                                             CharTokenizer())  # fmt: skip
+    texts = ["kbint", "cancel", "exit0", "genexit", "42"]
+    assert scores(scorer.score([rollout(t, "42") for t in texts])) == [0, 0, 0, 0, 1.0]
+    m = scorer.metrics()
+    assert (m["reward/errors"], m["reward/failures"]) == (4.0, 4.0)
+    assert scores(scorer.score([rollout("42", "42")])) == [1.0]  # the pool is intact
+
+
+def test_failure_guard_counts_consecutive_steps_and_names_the_first_error():
+    guard = RewardFailureGuard("pkg.mod:fn", max_failure_fraction=0.5, max_failed_steps=3)
+    guard.observe(3, 4, "ValueError: first")
+    assert guard.end_step(3, 4) == {"reward/failure_fraction": 0.75, "reward/failed_steps": 1.0}
+    guard.observe(1, 4, "KeyError: x")  # a good call and a good step end the streak
+    assert guard.end_step(2, 4)["reward/failed_steps"] == 0.0  # exactly 0.5 is not "more than"
+    for i in range(2):
+        guard.observe(4, 4, f"ZeroDivisionError: step {i}\nsecond line")
+        guard.observe(0, 4, None)
+        guard.end_step(5, 8 if i else 6)
+    guard.observe(4, 4, "later")
+    with pytest.raises(RewardFailureError) as e:
+        guard.end_step(4, 4)
+    message = str(e.value)
+    assert "'pkg.mod:fn'" in message and "3 steps in a row" in message and "\n" not in message
+    assert "first error: ZeroDivisionError: step 0 second line" in message
+
+
+def test_failure_guard_stops_a_step_that_never_ends():
+    guard = RewardFailureGuard("f", max_failure_fraction=0.5, max_failed_steps=3)
+    guard.observe(8, 8, "E: 1")
+    guard.observe(8, 8, "E: 2")
+    with pytest.raises(RewardFailureError, match=r"3 reward calls in a row .*first error: E: 1"):
+        guard.observe(8, 8, "E: 3")  # e.g. the filtered sampler with max_num_gen_batches = 0
+
+
+def test_scorer_with_an_always_failing_function_stops_the_run(user_module):
+    cfg = reward_cfg(f"{user_module}:score", backend="inline", limits={"max_failure_fraction": 0.5, "max_failed_steps": 2})
+    scorer = build_reward(cfg, CharTokenizer())
+    scorer.score([rollout("raise", "42")] * 3)
+    m = scorer.metrics()
+    assert scorer.end_step(m["reward/failures"], m["reward/num_scored"])["reward/failed_steps"] == 1.0
+    with pytest.raises(RewardFailureError, match=r"rlx_test_rewards:score.*first error: ValueError: boom"):
+        scorer.score([rollout("raise", "42")] * 3)
+
+
+def test_worker_memory_limit_fails_the_rollout_not_the_pool(user_module):
+    cfg = reward_cfg(f"{user_module}:score", limits={"worker_memory_mb": 128})
+    cfg.timeout_s = 20.0
+    with build_reward(cfg, CharTokenizer()) as scorer:
+        results = scorer.score([rollout("alloc", "42"), rollout("42", "42")])
+        assert scores(results) == [0.0, 1.0]
+        assert scorer.metrics()["reward/errors"] == 1.0
+    cfg.worker_memory_mb = 0
+    with build_reward(cfg, CharTokenizer()) as unlimited:
+        assert scores(unlimited.score([rollout("alloc", "42")])) == [1.0]
+
+
+def test_worker_cpu_limit_is_per_reward_call(user_module, caplog):
+    cfg = reward_cfg(f"{user_module}:score", limits={"worker_cpu_seconds": 1})
+    cfg.timeout_s = 30.0  # the CPU limit, not the wall-clock timeout, must stop the spin
+    with build_reward(cfg, CharTokenizer()) as scorer, caplog.at_level("WARNING", logger="rlx.reward.scorer"):
+        start = time.monotonic()
+        assert scores(scorer.score([rollout("spin", "42"), rollout("42", "42")])) == [0.0, 1.0]
+        assert time.monotonic() - start < 10.0
+        assert scorer.metrics()["reward/timeouts"] == 1.0
+        assert "reward.worker_cpu_seconds=1" in caplog.records[-1].getMessage()
+        for _ in range(3):  # a lifetime limit would have run out by now; a per-call one does not
+            assert scores(scorer.score([rollout("42", "42")] * 4)) == [1.0] * 4
