@@ -34,8 +34,12 @@ test: setup
 test-fast: setup
 	$(PYBIN) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
+# Each benchmark prints JSON lines; modules named _*.py are their helpers. BENCH_ARGS go to each
+# (e.g. `make bench BENCH=benchmarks/e2e_step.py BENCH_ARGS="--peer trl"`).
+BENCH ?= $(filter-out benchmarks/_%,$(wildcard benchmarks/*.py))
+BENCH_ARGS ?=
 bench: setup
-	for b in benchmarks/*.py; do echo "== $$b"; $(PYBIN) $$b || exit 1; done
+	for b in $(BENCH); do echo "== $$b"; $(PYBIN) $$b $(BENCH_ARGS) || exit 1; done
 
 docs: setup
 	$(PYBIN) tests/unit/test_docs.py

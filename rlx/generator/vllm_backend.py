@@ -194,6 +194,8 @@ class VLLMGenerator:
         max_tokens = cfg.max_tokens if request.max_tokens is None else request.max_tokens
         # An override may ask for more than the context holds; vLLM would reject the request.
         max_tokens = min(max_tokens, self.max_model_len - len(request.prompt_ids))
+        # EOS (and stop strings) are ignored until min_tokens were generated (fixed-length rollouts).
+        min_tokens = min(getattr(cfg, "min_tokens", 0), max_tokens)
         return self._sampling_params_cls(
             # vLLM rejects n > 1 for greedy sampling; the n copies are identical anyway.
             n=1 if temperature == 0 else request.n,
@@ -201,6 +203,7 @@ class VLLMGenerator:
             top_p=cfg.top_p,
             top_k=cfg.top_k,
             max_tokens=max_tokens,
+            min_tokens=min_tokens,
             stop=list(cfg.stop) or None,
             seed=request.seed,
             logprobs=0,  # only the sampled token's logprob: cheap, and all the loss needs
