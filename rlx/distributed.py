@@ -33,9 +33,11 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> torch.
     """Initialize the default process group (idempotent) and return this rank's device.
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as set by torchrun. Without
-    them this process is rank 0 of a world of 1 on a free local port."""
+    them this process is rank 0 of a world of 1 that listens on no network interface: an in-process
+    store instead of a TCP rendezvous, and the backend's sockets on loopback."""
     backend = resolve_backend(backend)
-    if "RANK" not in os.environ:
+    single = "RANK" not in os.environ
+    if single:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     device = torch.device("cpu")
@@ -44,8 +46,18 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> torch.
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
+        if single:
+            _use_loopback()
+            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return device
+
+
+def _use_loopback() -> None:
+    """gloo / NCCL sockets on the loopback interface (Linux), unless the user chose an interface."""
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
 def teardown_distributed() -> None:

@@ -45,8 +45,22 @@ def build_train_data(
         cfg.train_files, encode, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key,
         max_prompt_length=cfg.max_prompt_length, decode=decode,
     )
+    _check_covers_a_batch(dataset, cfg)
     stream = PromptStream(dataset, cfg.train_batch_size // dp_size, dp_rank, dp_size, seed, cfg.shuffle)
     return dataset, stream
+
+
+def _check_covers_a_batch(dataset: PromptDataset, cfg: Any) -> None:
+    """One draw of the stream must fit in the dataset, or a step holds a prompt twice and its two
+    groups merge (wrong advantages, fewer groups than asked). Refused here, before any model is built."""
+    for key in ("train_batch_size", "gen_batch_size"):
+        size = int(getattr(cfg, key, 0) or 0)
+        if size > len(dataset):
+            dropped = f", after dropping {dataset.num_filtered} over max_prompt_length" if dataset.num_filtered else ""
+            files = ", ".join([cfg.train_files] if isinstance(cfg.train_files, str) else cfg.train_files)
+            raise UserError(f"data.{key}={size} is larger than the training set ({len(dataset)} prompts in {files}"
+                            f"{dropped}): a step would repeat prompts and merge their groups; lower data.{key} or "
+                            "add prompts")  # fmt: skip
 
 
 def build_val_data(cfg: Any, encode: Encode, *, decode: Callable | None = None) -> PromptDataset | None:

@@ -47,22 +47,48 @@ def read_records(path: str) -> Iterator[tuple[str, dict]]:
 
 
 def _read_json(path: str) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        first = f.read(1)
+    with open(path, "rb") as f:
+        first = f.read(4).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
         f.seek(0)
-        if first == "[":  # a .json file holding one list of records
-            records = json.load(f)
+        if first == b"[":  # a .json file holding one list of records
+            records = _parse_json_file(path, f.read())
             for i, record in enumerate(records):
                 yield f"record {i}", _check_record(record, path, f"record {i}")
             return
-        for lineno, line in enumerate(f, start=1):
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno}: invalid JSON ({e})") from None
+                raise UserError(f"{path} line {lineno}: invalid JSON ({e}); each line must be one JSON object") from None
             yield f"line {lineno}", _check_record(record, path, f"line {lineno}")
+
+
+def _decode_line(raw: bytes, path: str, lineno: int) -> str:
+    """One line as text: UTF-8 (a byte-order mark on line 1 is skipped); anything else names the
+    line and the byte, since a mis-encoded prompt would silently become other tokens."""
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} line {lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8") from None  # fmt: skip
+
+
+def _parse_json_file(path: str, data: bytes) -> list:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path} line {lineno}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(records, list):
+        raise UserError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return records
 
 
 def _read_parquet(path: str) -> Iterator[tuple[str, dict]]:
@@ -71,10 +97,13 @@ def _read_parquet(path: str) -> Iterator[tuple[str, dict]]:
     except ImportError as e:
         raise UserError(f"reading {path} needs pyarrow: pip install 'rlx[hf]'") from e
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            yield f"row {row}", record
-            row += 1
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                yield f"row {row}", record
+                row += 1
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid / ArrowIOError: not Parquet, truncated
+        raise UserError(f"{path} row {row}: not a readable Parquet file ({str(e).strip().splitlines()[0]})") from None
 
 
 def _read_hf(path: str) -> Iterator[tuple[str, dict]]:
@@ -82,11 +111,16 @@ def _read_hf(path: str) -> Iterator[tuple[str, dict]]:
         import datasets
     except ImportError as e:
         raise UserError(f"reading {path} needs the datasets package: pip install 'rlx[hf]'") from e
-    if path.startswith("hf://"):
-        name, _, split = path[len("hf://") :].partition("#")
-        dataset = datasets.load_dataset(name, split=split or "train")
-    else:
-        dataset = datasets.load_from_disk(path)
+    try:
+        if path.startswith("hf://"):
+            name, _, split = path[len("hf://") :].partition("#")
+            dataset = datasets.load_dataset(name, split=split or "train")
+        else:
+            dataset = datasets.load_from_disk(path)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"data {path}: cannot load the dataset ({type(e).__name__}: {reason[:300]})") from None
+    if not path.startswith("hf://"):
         if isinstance(dataset, datasets.DatasetDict):
             if "train" not in dataset:
                 raise UserError(f"{path} is a DatasetDict without a 'train' split (splits: {list(dataset)})")
@@ -167,9 +201,10 @@ def load_prompts(
             raw = get_field(record, prompt_key, path, location)
             answer = get_field(record, answer_key, path, location)
             uid, index = index, index + 1
-            if not isinstance(raw, (str, list)):
-                raise UserError(f"{path} {location}: '{prompt_key}' must be a string or a list of chat messages, got {type(raw).__name__}")
+            _check_prompt(raw, prompt_key, path, location)
             ids = list(encode(raw))
+            if not ids:
+                raise UserError(f"{path} {location}: '{prompt_key}' encodes to no tokens; give it some text or drop the record")
             if len(ids) > max_prompt_length:
                 num_filtered += 1
                 continue
@@ -189,6 +224,25 @@ def load_prompts(
     return PromptDataset(prompts, num_filtered)
 
 
+def _check_prompt(raw, prompt_key: str, path: str, location: str) -> None:
+    """A prompt is a non-blank string or a non-empty list of {"role", "content"} messages with some
+    text; anything else is a UserError naming the file and line (found at load time, not at the
+    step that draws it)."""
+    where = f"{path} {location}: '{prompt_key}'"
+    if isinstance(raw, str):
+        if not raw.strip():
+            raise UserError(f"{where} is empty; give every record a prompt or drop the record")
+        return
+    if not isinstance(raw, list):
+        raise UserError(f"{where} must be a string or a list of chat messages, got {type(raw).__name__}")
+    for i, message in enumerate(raw):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), (str, list))):  # fmt: skip
+            raise UserError(f"{where} message {i} must be an object with a string 'role' and a 'content', got {message!r:.80}")
+    if all(isinstance(m["content"], str) and not m["content"].strip() for m in raw):  # also: no messages
+        raise UserError(f"{where} has no message with text; give every record a prompt or drop the record")
+
+
 def _prompt_text(raw: str | list) -> str:
     if isinstance(raw, str):
         return raw
@@ -205,7 +259,13 @@ class PromptStream:
     Conceptually one global sequence: epoch e is a permutation of the dataset (shuffled with
     `random.Random(seed + e)`, or in order), epochs concatenated. Rank r takes global positions
     r, r + dp_size, r + 2*dp_size, ...: ranks drawing the same amounts in lockstep get disjoint
-    prompts and, together, every prompt once per epoch; nothing is dropped at epoch ends.
+    prompts and, together, every prompt at most once per epoch.
+
+    A draw never spans two epochs, so it never holds a prompt twice (a repeated prompt would merge
+    two groups of one step): when the rest of an epoch is shorter than the draw, the draw starts
+    the next epoch and that rest is skipped (like a data loader's drop_last; each epoch skips other
+    prompts). A draw larger than the whole dataset cannot avoid repeats: it wraps, with a warning
+    (`build_train_data` refuses a dataset smaller than one batch up front).
     `state_dict()` stores the global position, so a resumed stream (even at another dp_size)
     continues with exactly the prompts an uninterrupted one would have produced.
     """
@@ -219,8 +279,9 @@ class PromptStream:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle = seed, shuffle
         self.position = 0
-        """Global prompts consumed by all ranks together (this rank's draws x dp_size)."""
+        """Global prompts consumed by all ranks together (this rank's draws x dp_size, plus skipped epoch ends)."""
         self._order: tuple[int, list[int]] | None = None  # (epoch, permutation) cache
+        self._warned_wrap = False
 
     @property
     def epoch(self) -> int:
@@ -232,8 +293,16 @@ class PromptStream:
 
     def take(self, k: int) -> list[Prompt]:
         """This rank's next k prompts (every rank must take the same k to stay in lockstep)."""
+        n, span = len(self.dataset), k * self.dp_size
+        offset = self.position % n
+        if span > n:
+            if not self._warned_wrap:
+                logger.warning("drawing %d prompts from a dataset of %d: prompts repeat within the draw", span, n)
+                self._warned_wrap = True
+        elif offset + span > n:  # the epoch's rest is too short for this draw: start the next epoch
+            self.position += n - offset
         batch = [self.dataset[self._index_at(self.position + j * self.dp_size + self.dp_rank)] for j in range(k)]
-        self.position += k * self.dp_size
+        self.position += span
         return batch
 
     def _index_at(self, global_position: int) -> int:

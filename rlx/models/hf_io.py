@@ -30,13 +30,19 @@ _MAX_NAMES = 10
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed config.json of an HF model directory."""
+    if not os.fspath(path):
+        raise UserError("no model directory given (an empty path): set model.path to an HF model directory "
+                        "(config.json + *.safetensors)")  # fmt: skip
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{path} is not an HF model directory: no config.json")
     try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path} is not valid JSON: {e}") from e
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{cfg_path} holds a {type(config).__name__}, not a JSON object")
+    return config
 
 
 def safetensors_files(path: str | os.PathLike) -> list[Path]:
@@ -44,7 +50,11 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     index = path / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+        except (ValueError, AttributeError, AssertionError, UnicodeDecodeError):
+            raise UserError(f"{index} is damaged (not a JSON object with a 'weight_map' of file names)") from None
         files = [path / name for name in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -65,9 +75,19 @@ def iter_hf_tensors(path: str | os.PathLike, *, lazy: bool = False) -> Iterator[
     `h[a:b]` reads only that slice of dim 0 (how a sharded trainer loads straight into shards).
     Handles are valid only until the iterator advances to the next file."""
     for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
+
+
+def _open_safetensors(file: Path):
+    """`safe_open`, with a damaged file (truncated download, garbage) as a one-line UserError."""
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises SafetensorError (header) or OSError (I/O)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{file} is not a valid safetensors file ({reason}): it is truncated or damaged; "
+                        "download or export it again") from None
 
 
 def hf_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

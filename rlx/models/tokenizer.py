@@ -5,10 +5,13 @@ transformers is imported lazily: only code that tokenizes pays for it.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from rlx.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 
@@ -24,7 +27,39 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         os.path.join(path, "tokenizer_config.json")
     ):
         raise UserError(f"{path} has no tokenizer.json / tokenizer_config.json")
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # a damaged tokenizer.json / tokenizer_config.json
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"the tokenizer in {path} does not load ({type(e).__name__}: {reason[:300]})") from None
+
+
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, *, tokenizer_dir: str | os.PathLike = "",
+                         model_dir: str | os.PathLike = "", model_tokenizer: Any = None) -> None:  # fmt: skip
+    """Refuse a tokenizer whose token ids do not fit the model's embedding (`vocab_size` rows):
+    prompts would index past it and decoded responses (rewards) would be garbage. The model's
+    vocabulary may be larger than the tokenizer's (padded for speed); never smaller.
+
+    `model_tokenizer` (the model directory's own tokenizer, when `tokenizer_dir` is another one)
+    is compared too: a different vocabulary that fits is allowed, with a warning, since a
+    tokenizer with added special tokens is a legitimate choice."""
+    size = len(tokenizer)
+    specials = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("pad", "eos", "bos")}
+    too_big = {name: i for name, i in specials.items() if isinstance(i, int) and i >= vocab_size}
+    where = f"the tokenizer of {tokenizer_dir}" if tokenizer_dir else "the tokenizer"
+    model = f"the model {model_dir}" if model_dir else "the model"
+    if size > vocab_size or too_big:
+        detail = f"has {size} tokens" if size > vocab_size else f"has {', '.join(f'{k}_token_id={v}' for k, v in too_big.items())}"
+        raise UserError(f"{where} {detail} but {model} has vocab_size={vocab_size}: token ids >= {vocab_size} "
+                        "do not fit its embedding; use the model's own tokenizer (unset model.tokenizer_path)")  # fmt: skip
+    if model_tokenizer is not None and model_tokenizer is not tokenizer:
+        ours, theirs = tokenizer.get_vocab(), model_tokenizer.get_vocab()
+        differ = sum(theirs.get(token) != i for token, i in ours.items())
+        if differ:
+            logger.warning(
+                "%s maps %d of its %d tokens to other ids than %s's own tokenizer: prompts and rewards are only "
+                "right if the model was trained with this tokenizer", where, differ, size, model,
+            )
 
 
 def apply_chat_template(tokenizer: Any, prompt: str | Messages, add_generation_prompt: bool = True) -> list[int]:

@@ -106,19 +106,39 @@ def test_stream_is_deterministic_and_reshuffles_each_epoch(tmp_path):
     assert uids(PromptStream(dataset, 4, shuffle=False).take(12)) == list(range(10)) + [0, 1]
 
 
-def test_dp_ranks_get_disjoint_and_complete_shards(tmp_path):
-    dataset = dataset_of(13, tmp_path)  # not divisible by dp_size: nothing is dropped
+def test_dp_ranks_get_disjoint_shards_and_no_draw_repeats_a_prompt(tmp_path):
+    dataset = dataset_of(13, tmp_path)  # not divisible by the draw (3 ranks x 2): each epoch skips one prompt
     streams = [PromptStream(dataset, 2, dp_rank=r, dp_size=3, seed=1) for r in range(3)]
-    drawn = [[] for _ in streams]
-    for _ in range(13):  # 13 steps x 3 ranks x 2 prompts = 6 epochs
-        for r, s in enumerate(streams):
-            drawn[r] += uids(s.next_batch())
-    everything = sorted(drawn[0] + drawn[1] + drawn[2])
-    assert everything == sorted(list(range(13)) * 6)
-    step0 = [set(drawn[r][:2]) for r in range(3)]
-    assert not (step0[0] & step0[1] or step0[0] & step0[2] or step0[1] & step0[2])
-    single = PromptStream(dataset, 6, seed=1).take(78)  # the same global order as one rank
-    assert [uids(single)[i] for i in range(0, 78, 3)] == drawn[0][: 78 // 3]
+    single = PromptStream(dataset, 6, seed=1)  # the same global order as one rank drawing it all
+    steps = []
+    for _ in range(12):  # two draws per epoch -> 6 epochs
+        step = [uids(s.next_batch()) for s in streams]
+        assert len(set(sum(step, []))) == 6  # disjoint across ranks, nothing twice in a step
+        everyone = uids(single.take(6))
+        assert [everyone[r::3] for r in range(3)] == step
+        steps.append(sum(step, []))
+    for epoch in range(6):
+        assert len(set(steps[2 * epoch] + steps[2 * epoch + 1])) == 12  # every prompt at most once per epoch
+    assert streams[0].epoch == 5  # at the end of epoch 5 (the next draw starts epoch 6)
+
+
+def test_a_draw_across_an_epoch_end_starts_the_next_epoch(tmp_path):
+    dataset = dataset_of(10, tmp_path)
+    stream = PromptStream(dataset, 4, seed=0)
+    draws = [uids(stream.next_batch()) for _ in range(30)]
+    assert all(len(set(d)) == 4 for d in draws)  # with wrap-around, some draw would repeat a prompt
+    assert stream.position == 30 * 4 + 14 * 2  # two prompts skipped at each of the 14 epoch ends passed
+
+
+def test_build_refuses_a_dataset_smaller_than_one_batch(tmp_path):
+    path = write_jsonl(tmp_path / "small.jsonl", addition_records(3))
+    cfg = SimpleNamespace(train_files=[path], prompt_key="prompt", answer_key="answer", max_prompt_length=512,
+                          train_batch_size=4, gen_batch_size=0, shuffle=True)  # fmt: skip
+    with pytest.raises(UserError, match=r"data.train_batch_size=4 is larger than the training set \(3 prompts in .*small.jsonl\)"):
+        build_train_data(cfg, encode)
+    cfg.train_batch_size, cfg.gen_batch_size = 2, 6
+    with pytest.raises(UserError, match=r"data.gen_batch_size=6 .*lower data.gen_batch_size or add prompts"):
+        build_train_data(cfg, encode)
 
 
 def test_resume_gives_exactly_the_same_prompts(tmp_path):
@@ -150,3 +170,50 @@ def test_build_from_data_config_and_validation_set(tmp_path):
     assert uids(shard(val_set, 1, 2)) == [1, 3, 5]
     assert [uids(b) for b in batches(val_set, 4)] == [[0, 1, 2, 3], [4, 5]]
     assert build_val_data(SimpleNamespace(**{**vars(cfg), "val_files": []}), encode) is None
+
+
+# --- bad records fail at load time, naming the file and the line -------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": "", "answer": "0"}\n', r"line 2: 'prompt' is empty"),
+        (b'{"prompt": "a", "answer": "2"}\n{"prompt": "  \\n ", "answer": "0"}\n', r"line 2: 'prompt' is empty"),
+        (b'{"prompt": [], "answer": "0"}\n', r"line 1: 'prompt' has no message with text"),
+        (b'{"prompt": [{"role": "user", "content": ""}], "answer": "0"}\n', r"line 1: 'prompt' has no message with text"),
+        (b'{"prompt": ["hi"], "answer": "0"}\n', r"line 1: 'prompt' message 0 must be an object"),
+        (b'{"prompt": 3, "answer": "0"}\n', r"line 1: 'prompt' must be a string or a list"),
+        (b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "1"}\n', r"line 2: not valid UTF-8 \(byte 0xe9 at column 16\)"),
+        (b'{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n', r"line 2: invalid JSON"),
+        (b'[{"prompt": "a", "answer": "1"},\n {"prompt": "b" "answer": "2"}]', r"line 2: invalid JSON"),
+        (b'[{"prompt": "a", "answer": "1"},\n {"prompt": "\xff", "answer": "2"}]', r"line 2: not valid UTF-8"),
+        (b'{"prompt": "\\u0001", "answer": "1"}\n', r"line 1: 'prompt' encodes to no tokens"),
+    ],
+    ids=["empty", "blank", "no_messages", "empty_message", "bad_message", "number", "latin1", "bad_json",
+         "bad_json_list", "latin1_list", "no_tokens"],  # fmt: skip
+)
+def test_bad_prompt_records_are_one_line_errors_at_load(tmp_path, content, message):
+    path = tmp_path / ("bad.json" if content.startswith(b"[") else "bad.jsonl")
+    path.write_bytes(content)
+    drop_control = lambda p: [t for t in encode(p) if t >= 32]  # noqa: E731 ("\x01" encodes to nothing)
+    with pytest.raises(UserError, match=message) as e:
+        load_prompts(str(path), drop_control)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "caf\xc3\xa9", "answer": "1"}\n')
+    assert load_prompts(str(path), encode)[0].text == "caf\u00e9"
+
+
+def test_damaged_parquet_is_a_user_error(tmp_path):
+    pytest.importorskip("pyarrow")
+    good = write_parquet(tmp_path / "good.parquet", addition_records(50))
+    data = open(good, "rb").read()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all" * 10)
+    for name in ("cut.parquet", "junk.parquet"):
+        with pytest.raises(UserError, match=rf"{name} row 0: not a readable Parquet file"):
+            load_prompts(str(tmp_path / name), encode)
