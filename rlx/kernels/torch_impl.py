@@ -31,14 +31,14 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         z = (h[start:end] @ weight.t()).float()
-        top = z.max(dim=-1).values
-        # One exp pass serves both the logsumexp and the entropy's E_p[z].
-        e = torch.exp(z - top[:, None])
-        total = e.sum(dim=-1)
-        out[0, start:end], out[1, start:end] = top, top + torch.log(total)
         y = labels[start:end]
         picked = z.gather(-1, y.clamp(min=0)[:, None]).squeeze(-1)
         out[2, start:end] = torch.where(y >= 0, picked, torch.zeros_like(picked))
+        top = z.max(dim=-1).values
+        # One exp pass serves the logsumexp and the entropy's E_p[z]; in place when z is not needed after.
+        e = (torch.sub(z, top[:, None]) if with_entropy else z.sub_(top[:, None])).exp_()
+        total = e.sum(dim=-1)
+        out[0, start:end], out[1, start:end] = top, top + torch.log(total)
         if with_entropy:
             out[3, start:end] = (e.mul_(z)).sum(dim=-1) / total
         del z, e
@@ -64,7 +64,9 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, l
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         z = (h[start:end] @ weight.t()).float()
-        probs = torch.exp(z - lse[start:end, None])
+        lse_c = lse[start:end, None]
+        # p = exp(z - lse), in z's own storage unless the entropy term still needs z.
+        probs = (torch.sub(z, lse_c) if grad_entropy is not None else z.sub_(lse_c)).exp_()
         if grad_entropy is not None:
             # Reuse z's storage for the entropy term -g_ent * p * (z - E_p[z]).
             z.sub_(ez[start:end, None]).mul_(probs).mul_(-grad_entropy[start:end, None].float())
@@ -72,7 +74,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, l
         grad_z = probs.mul_(-g)
         if grad_entropy is not None:
             grad_z.add_(z)
-        del z
+        del z, probs
         y = labels[start:end, None]
         inside = y >= 0
         grad_z.scatter_add_(-1, y.clamp(min=0), torch.where(inside, g, torch.zeros_like(g)))
