@@ -3,8 +3,9 @@ logits vs the rlx.kernels backends (torch chunked, Triton on CUDA) and vocabular
 
 Each variant runs in its own process. Peak extra = high-water mark minus what exists once the inputs are
 built (CPU: RSS, VmHWM reset through /proc/self/clear_refs; CUDA: max_memory_allocated), so it counts the
-logits, their gradients and the fp32 weight gradient. Time: median of --reps forward+backward passes after a warm-up pass. One JSON
-line per (variant, vocabulary), with ratios to naive. Usage: python benchmarks/logprobs.py [--reps 3]
+logits, their gradients and the fp32 weight gradient. Time: median of --reps forward+backward passes after
+a warm-up pass. One JSON line per (variant, vocabulary), with ratios to naive.
+Usage: python benchmarks/logprobs.py [--reps 3] [--vocabs 32000,152064]
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def measure(variant: str, hidden, weight, labels, chunk: int, reps: int, device:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
-    return {"fwd_bwd_s": round(statistics.median(seconds), 3), "peak_extra_MiB": round((peak_bytes(device) - base) / 2**20, 1)}
+    peak = (peak_bytes(device) - base) / 2**20
+    return {"fwd_bwd_s": round(statistics.median(seconds), 3), "peak_extra_MiB": round(peak, 1)}
 
 
 def worker(variant: str, v: int, chunk: int, reps: int) -> None:
