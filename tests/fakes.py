@@ -88,6 +88,12 @@ class FakeReward:
         """Every rollout ever scored, in order."""
         return [r for call in self.calls for r in call]
 
+    def metrics(self) -> dict[str, float]:
+        """The scorer's per-step metrics (a pool reports failures and timeouts; the fake has none)."""
+        return {}
+
+    def close(self) -> None: ...
+
 
 class FakeTokenStats:
     """`TokenStats`: per response token, max_prob 0.5 if it is LOW_PROB (else 0.95) and entropy 3.0

@@ -433,6 +433,25 @@ class RolloutCorrection:
         return self.spec is not None
 
     @property
+    def rejects(self) -> bool:
+        """True when rejection sampling or the veto can remove tokens from the loss mask."""
+        return bool(self.options) or self.veto is not None
+
+    def kept_counts(self, rows: dict[str, np.ndarray] | Sequence[dict[str, np.ndarray]],
+                    agg_mode: str) -> tuple[float, float]:  # fmt: skip
+        """(count before, count after) rejection of what `agg_mode` normalizes by: valid tokens for
+        token-mean, non-empty responses for the seq-mean modes, nothing (1, 1) for token-sum."""
+        h = _merge_rows(rows)
+        kept = h["rs/kept"] if self.options else h["len"]
+        if self.veto is not None:
+            kept = kept * (h["veto"] == 0)
+        if agg_mode == "token-mean":
+            return float(h["len"].sum()), float(kept.sum())
+        if agg_mode.startswith("seq-mean"):
+            return float((h["len"] > 0).sum()), float((kept > 0).sum())
+        return 1.0, 1.0
+
+    @property
     def normalizes(self) -> bool:
         """True when the IS weights are rescaled by a batch quantity (rollout_is_batch_normalize)."""
         return self.spec is not None and self.batch_normalize

@@ -16,9 +16,12 @@ In the last two, pi_theta (what rollout correction compares with pi_rollout) is 
 micro-batch at a time, during the update. Correction terms are then computed per micro-batch and the
 batch quantities (the IS batch normalizer, every metric) from the merged per-row reductions of all
 micro-batches and ranks (`RolloutCorrection.metrics`), so they equal the full-batch ones. The loss is
-linear in the IS weights, so normalizing them by the batch mean is a rescale of the policy-gradient
-part of the gradient, applied after the last micro-batch. A KL or entropy term is not rescaled with
-it; with one of those the step instead runs the no-grad pass and corrects on the full batch.
+linear in the IS weights and in its normalizer, so two batch quantities become one rescale of the
+policy-gradient part of the gradient, applied after the last micro-batch: the IS batch mean
+(rollout_is_batch_normalize) and, in decoupled mode, the token (or sequence) count after rejection
+sampling (verl normalizes the decoupled loss by the RS-masked count; its bypass loss by the
+response mask's). A KL or entropy term would need a different factor; with one of those and a batch
+quantity in play, the step runs the no-grad pass and corrects on the full batch instead.
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ class MicroBatchInputs:
     old_log_probs: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
+    rs_mask: torch.Tensor | None = None
+    """Bypass mode, batch correction: the policy loss's mask (`mask` stays the response mask)."""
 
 
 class LossStage:
@@ -115,10 +120,11 @@ class LossStage:
 
     def plan(self, num_mini_batches: int) -> StepPlan:
         extra_terms = self.cfg.kl_coef > 0 or self.cfg.entropy_coef > 0
-        # A per-micro-batch correction rescales the gradient by the batch normalizer afterwards, which is
-        # exact only when the policy-gradient term is the whole loss.
-        rescale_ok = not (self.correction is not None and self.correction.normalizes and self.weights_in_loss
-                          and extra_terms)  # fmt: skip
+        # A per-micro-batch correction rescales the policy-gradient term afterwards, which is exact only
+        # when that term is the whole loss or no batch quantity needs rescaling.
+        batch_quantity = self.correction is not None and (
+            (self.correction.normalizes and self.weights_in_loss) or (not self.bypass and self.correction.rejects))
+        rescale_ok = not (batch_quantity and extra_terms)
         if self.bypass:
             old_pass = not rescale_ok
         else:
@@ -130,10 +136,15 @@ class LossStage:
     @torch.no_grad()
     def correct_batch(self, batch: Any) -> dict[str, float]:
         """Batch-mode rollout correction: IS weights and the RS mask on `batch` (a GlobalBatch whose
-        old_log_probs hold pi_train: pi_old, or pi_theta in bypass mode), returning the metrics."""
-        weights, batch.response_mask, metrics = self.correction(
-            batch.old_log_probs, batch.rollout_log_probs, batch.response_mask
-        )
+        old_log_probs hold pi_train: pi_old, or pi_theta in bypass mode), returning the metrics.
+
+        Decoupled mode replaces the response mask (so the loss normalizers count kept tokens, as verl);
+        bypass mode keeps it and masks the policy loss only."""
+        weights, rs_mask, metrics = self.correction(batch.old_log_probs, batch.rollout_log_probs, batch.response_mask)
+        if self.bypass:
+            batch.rs_mask = rs_mask
+        else:
+            batch.response_mask = rs_mask
         batch.is_weights = weights if self.weights_in_loss else None
         return metrics
 
@@ -145,7 +156,8 @@ class LossStage:
 
         `log_prob`/`entropy` are the training forward's `[R, T]` values (with grad)."""
         cfg = self.cfg
-        mask, weights, rows = x.mask, x.is_weights, None
+        mask = x.rs_mask if x.rs_mask is not None else x.mask
+        weights, rows = x.is_weights, None
         if plan.correction == "micro" and bool(x.mask.any()):  # (a micro-batch of empty responses has no terms)
             terms = self.correction.terms(log_prob.detach(), x.rollout_log_probs, x.mask)
             mask, rows = terms.rs_mask, terms.rows
@@ -177,6 +189,12 @@ class LossStage:
 
     def finish_correction(self, rows: list[dict]) -> tuple[dict[str, float], float]:
         """Metrics of a per-micro-batch correction from every piece's rows (all micro-batches and ranks),
-        and the factor the policy-gradient term must be divided by (1.0 unless weights are normalized)."""
-        metrics, factor = self.correction.metrics(rows)
-        return metrics, (factor if self.weights_in_loss else 1.0)
+        and the factor the policy-gradient term must be multiplied by: 1 / (IS batch mean) when the
+        weights are normalized, times (count before RS) / (count after RS) in decoupled mode, where the
+        micro-batches were normalized by the response mask's count."""
+        metrics, is_mean = self.correction.metrics(rows)
+        factor = 1.0 / is_mean if self.weights_in_loss else 1.0
+        if not self.bypass and self.correction.rejects:
+            before, after = self.correction.kept_counts(rows, self.cfg.agg_mode)
+            factor *= before / max(after, 1.0)
+        return metrics, factor

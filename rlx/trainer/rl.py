@@ -102,7 +102,8 @@ class RLTrainer:
         s = self.s
         local = compute_logprobs(model, mine, device=s.device, token_budget=self.cfg.loss.micro_batch_tokens,
                                  temperature=self.cfg.generator.temperature,
-                                 chunk_size=self.cfg.loss.logprob_chunk_size, dp_group=s.dp_group)  # fmt: skip
+                                 chunk_size=self.cfg.loss.logprob_chunk_size, dp_group=s.dp_group,
+                                 backend=self.cfg.loss.logprob_backend)  # fmt: skip
         return gather_rows(local, shares, total, s.dp_group)
 
     def _batch_metrics(self, rollouts, g: GlobalBatch, generated_tokens: float) -> dict[str, float]:

@@ -198,7 +198,7 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
     def token_stats(rollouts: Sequence[Rollout]):
         return compute_token_stats(model, rollouts, device=device, token_budget=cfg.loss.micro_batch_tokens,
                                    temperature=cfg.generator.temperature, chunk_size=cfg.loss.logprob_chunk_size,
-                                   dp_group=dp_group)  # fmt: skip
+                                   dp_group=dp_group, backend=cfg.loss.logprob_backend)  # fmt: skip
 
     def all_reduce_sum(values: list[float]) -> list[float]:
         if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -67,6 +67,8 @@ class GlobalBatch:
     old_log_probs: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
+    rs_mask: torch.Tensor | None = None
+    """Bypass mode with a batch correction: the policy loss's mask (response_mask keeps the normalizers)."""
 
 
 def _sum_over_ranks(totals: torch.Tensor, sums: dict[str, float], group) -> dict[str, float]:
@@ -163,9 +165,9 @@ class PolicyUpdater:
         if plan.correction == "micro":
             rc_metrics, factor = self.loss.finish_correction(_gather_lists(correction_rows, self.dp_group))
             out.update(rc_metrics)
-            if factor != 1.0:  # the batch-normalized IS weights: the pg term is linear in them
-                _scale_grads(self.model.parameters(), 1.0 / factor)
-                totals[0] /= factor
+            if factor != 1.0:  # batch quantities of the correction: the pg term is linear in them
+                _scale_grads(self.model.parameters(), factor)
+                totals[0] *= factor
         pg_loss, kl_loss, ent, weight = totals.tolist()
         grad_norm = clip_grad_norm_(self.model.parameters(), self.grad_clip).item()
         for name, value in (("actor/pg_loss", pg_loss), ("actor/kl_loss", kl_loss), ("actor/grad_norm", grad_norm)):
@@ -187,14 +189,16 @@ class PolicyUpdater:
         rollout-correction rows (per-micro-batch correction only)."""
         need_entropy = self.cfg.entropy_coef > 0
         lp_flat, ent_flat = pack_logprobs(self.model, pack, self.device, temperature=self.temperature,
-                                          chunk_size=self.cfg.logprob_chunk_size, with_entropy=need_entropy)  # fmt: skip
+                                          chunk_size=self.cfg.logprob_chunk_size, with_entropy=need_entropy,
+                                          backend=self.cfg.logprob_backend)  # fmt: skip
         width = batch.response_mask.shape[1]
 
         def take(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[idx].to(self.device)
 
         inputs = MicroBatchInputs(take(batch.response_mask), take(batch.advantages), take(batch.rollout_log_probs),
-                                  take(batch.old_log_probs), take(batch.ref_log_probs), take(batch.is_weights))  # fmt: skip
+                                  take(batch.old_log_probs), take(batch.ref_log_probs), take(batch.is_weights),
+                                  take(batch.rs_mask))  # fmt: skip
         entropy = scatter_rows(ent_flat, pack, width) if need_entropy else None
         loss, terms, metrics, rows = self.loss.micro_batch_loss(scatter_rows(lp_flat, pack, width), entropy, inputs,
                                                                 plan, global_info)  # fmt: skip
