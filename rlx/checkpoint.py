@@ -413,6 +413,16 @@ class Checkpointer:
             torch.cuda.set_rng_state(rng["cuda"])
 
 
+def check_checkpoint_files(path: str | os.PathLike) -> Path:
+    """The small files of one checkpoint (trainer_state.json, rng/, DCP metadata), checked without
+    reading tensors or hashing: lets a run fail in seconds, before it builds its models."""
+    path = resolve_checkpoint(path)
+    read_trainer_state(path)
+    _read_rng(path)
+    load_dcp_metadata(path)
+    return path
+
+
 def _read_rng(path: Path) -> dict[str, Any]:
     """This rank's RNG states. At another world size a rank may have no file of its own; rank 0's
     is the fallback (the trainer generator is seeded identically on every rank)."""
@@ -435,7 +445,7 @@ def _read_rng(path: Path) -> dict[str, Any]:
 from rlx.checkpoint_export import export_checkpoint, export_main, save_hf_from_sharded  # noqa: E402
 
 __all__ = [
-    "COMPLETE", "Checkpointer", "TrainState", "check_model_matches", "export_checkpoint", "export_main",
+    "COMPLETE", "Checkpointer", "TrainState", "check_checkpoint_files", "check_model_matches", "export_checkpoint", "export_main",
     "is_complete", "latest_checkpoint", "list_checkpoints", "load_model_weights", "read_trainer_state",
     "resolve_checkpoint", "save_hf_from_sharded", "step_dir",
 ]  # fmt: skip

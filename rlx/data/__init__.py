@@ -1,6 +1,8 @@
 """Data stage: prompt datasets from JSONL / Parquet / HF datasets and the resumable training stream.
 
-The trainer calls `build_train_data(cfg.data, encode, ...)` and `build_val_data(cfg.data, encode)`.
+The trainer calls `load_train_set(cfg.data, encode)` (before building models: data errors fail
+fast), `make_stream(dataset, cfg.data, dp_rank=..., dp_size=...)` and `build_val_data(cfg.data, encode)`;
+`build_train_data` does the first two at once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ __all__ = [
     "build_val_data",
     "get_field",
     "load_prompts",
+    "load_train_set",
+    "make_stream",
     "read_records",
     "shard",
 ]
@@ -39,15 +43,27 @@ def build_train_data(
 ) -> tuple[PromptDataset, PromptStream]:
     """The training dataset and this rank's stream; a step's batch per rank is
     `train_batch_size // dp_size` prompts (`take(k)` draws other amounts, e.g. gen batches)."""
-    if cfg.train_batch_size % dp_size:
-        raise UserError(f"data.train_batch_size={cfg.train_batch_size} is not divisible by the data-parallel size {dp_size}")
+    dataset = load_train_set(cfg, encode, decode=decode)
+    return dataset, make_stream(dataset, cfg, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
+
+
+def load_train_set(cfg: Any, encode: Encode, *, decode: Callable | None = None) -> PromptDataset:
+    """The training prompts, checked: every record valid (errors name file and line) and at least
+    one batch of them (`train_batch_size`, `gen_batch_size`). Needs no process group: load it
+    before building models, so that data mistakes fail in seconds."""
     dataset = load_prompts(
         cfg.train_files, encode, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key,
         max_prompt_length=cfg.max_prompt_length, decode=decode,
     )
     _check_covers_a_batch(dataset, cfg)
-    stream = PromptStream(dataset, cfg.train_batch_size // dp_size, dp_rank, dp_size, seed, cfg.shuffle)
-    return dataset, stream
+    return dataset
+
+
+def make_stream(dataset: PromptDataset, cfg: Any, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0) -> PromptStream:
+    """This data-parallel rank's resumable stream over `dataset` (`train_batch_size // dp_size` per step)."""
+    if cfg.train_batch_size % dp_size:
+        raise UserError(f"data.train_batch_size={cfg.train_batch_size} is not divisible by the data-parallel size {dp_size}")
+    return PromptStream(dataset, cfg.train_batch_size // dp_size, dp_rank, dp_size, seed, cfg.shuffle)
 
 
 def _check_covers_a_batch(dataset: PromptDataset, cfg: Any) -> None:

@@ -58,9 +58,32 @@ __all__ = [
     "RewardFailureError",
     "RewardFailureGuard",
     "build_reward",
+    "check_reward",
     "normalize_reward",
     "resolve_reward_fn",
 ]
+
+
+BACKENDS = ("process", "ray", "inline")
+
+
+def check_reward(cfg: Any) -> None:
+    """What `build_reward` would refuse, without starting anything: an unknown backend, a missing
+    package, a function that does not import. For checking a run's inputs before slow work."""
+    fn, backend = cfg.fn, getattr(cfg, "backend", "process")
+    if backend not in BACKENDS:
+        raise UserError(f"reward.backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if fn == "math":
+        try:
+            import math_verify  # noqa: F401
+        except ImportError as e:
+            raise UserError("reward.fn='math' needs the math-verify package: pip install 'rlx[math]'") from e
+    if backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise UserError("reward.backend='ray' needs ray: pip install 'rlx[ray]'") from e
+    resolve_reward_fn(fn)
 
 
 def build_reward(cfg: Any, tokenizer: Any) -> InlineScorer | ProcessScorer | RayScorer:
@@ -68,12 +91,8 @@ def build_reward(cfg: Any, tokenizer: Any) -> InlineScorer | ProcessScorer | Ray
     `ray_address`, `kwargs`, `max_failure_fraction`, `max_failed_steps`, `worker_memory_mb`,
     `worker_cpu_seconds`). `tokenizer` needs `decode(ids, skip_special_tokens=True)` (or
     `batch_decode`). Call `close()` when done (the process pool's workers stop)."""
+    check_reward(cfg)
     fn, backend = cfg.fn, getattr(cfg, "backend", "process")
-    if fn == "math":
-        try:
-            import math_verify  # noqa: F401
-        except ImportError as e:
-            raise UserError("reward.fn='math' needs the math-verify package: pip install 'rlx[math]'") from e
     kwargs = dict(getattr(cfg, "kwargs", None) or {})
     timeout_s = float(getattr(cfg, "timeout_s", 10.0))
     num_workers = int(getattr(cfg, "num_workers", 2))
@@ -85,6 +104,4 @@ def build_reward(cfg: Any, tokenizer: Any) -> InlineScorer | ProcessScorer | Ray
         return ProcessScorer(fn, tokenizer, kwargs, timeout_s, num_workers, guard=guard,
                              memory_mb=int(getattr(cfg, "worker_memory_mb", 0)),
                              cpu_seconds=int(getattr(cfg, "worker_cpu_seconds", 0)))  # fmt: skip
-    if backend == "ray":
-        return RayScorer(fn, tokenizer, kwargs, timeout_s, num_workers, getattr(cfg, "ray_address", "") or "", guard=guard)
-    raise UserError(f"reward.backend={backend!r} is not one of process, ray, inline")
+    return RayScorer(fn, tokenizer, kwargs, timeout_s, num_workers, getattr(cfg, "ray_address", "") or "", guard=guard)

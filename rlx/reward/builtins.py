@@ -105,7 +105,11 @@ def resolve_reward_fn(spec) -> Callable:
         raise UserError(
             f"reward.fn={spec!r}: cannot import module '{module_name}' ({type(e).__name__}: {e}); "
             "is it installed or on PYTHONPATH?"
-        ) from e
+        ) from None
+    except Exception as e:  # the module itself is broken: SyntaxError, an error at import time
+        where = f" at {e.filename}:{e.lineno}" if isinstance(e, SyntaxError) else ""
+        raise UserError(f"reward.fn={spec!r}: importing module '{module_name}' failed{where} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None  # fmt: skip
     fn = getattr(module, attr, None)
     if fn is None:
         raise UserError(f"reward.fn={spec!r}: module '{module_name}' has no attribute '{attr}'")

@@ -39,7 +39,8 @@ class RayScorer(_Scorer):
     import path (PYTHONPATH). On a remote cluster rlx and the reward module must be installed on
     the workers. Each rollout gets `timeout_s` (SIGALRM in the worker); a chunk that has not
     returned after `timeout_s` x its size + grace is cancelled (worker killed) and its rollouts
-    score as timeouts. `close()` leaves Ray running (it may be shared): `ray.shutdown()` is the caller's.
+    score as timeouts. `close()` shuts down a Ray this scorer started; one that was already running
+    (shared, or the user's cluster) is left running.
     """
 
     def __init__(self, fn_spec, tokenizer, kwargs=None, timeout_s: float = 10.0, num_workers: int = 2, ray_address: str = "",
@@ -59,7 +60,8 @@ class RayScorer(_Scorer):
             options["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
             if not ray.is_initialized():
                 _protect_local_ray(options)
-        if not ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
             ray.init(**options)
         self._ray = ray
         self._remote = ray.remote(num_cpus=1, max_retries=0)(_ray_score_chunk)
@@ -89,6 +91,11 @@ class RayScorer(_Scorer):
             for i, outcome in zip(chunk, chunk_outcomes):
                 outcomes[i] = outcome
         return outcomes
+
+    def close(self) -> None:
+        if getattr(self, "_owns_ray", False) and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._owns_ray = False
 
 
 def _protect_local_ray(options: dict[str, Any]) -> None:
