@@ -18,7 +18,23 @@ import pytest
 from tests.integration.conftest import read_metrics, train_env
 from tests.integration.test_failures import session_processes, wait_gone
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+from tests.integration.conftest import REPO
+
+_RL = (REPO / "rlx" / "trainer" / "rl.py").read_text()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.vllm,
+    pytest.mark.skipif("Lifecycle" not in _RL or "end_step" not in _RL,
+                       reason="rlx.lifecycle.Lifecycle / the reward guard are not wired into rlx/trainer/rl.py yet (issue 12)"),
+]  # fmt: skip
+
+FAILING_REWARD = '''\
+"""Test reward that always fails."""
+
+
+def score(response, ground_truth, **kwargs):
+    return 1 / 0
+'''
 
 SLOW_REWARD = '''\
 """Test reward: the parity reward, slowed down so that a step lasts a few seconds."""
@@ -65,6 +81,7 @@ def finish(proc: subprocess.Popen, timeout: float = 180) -> str:
 @pytest.fixture(scope="module")
 def slow_reward_dir(parity_reward_dir: Path) -> Path:
     (parity_reward_dir / "slow_reward.py").write_text(SLOW_REWARD)
+    (parity_reward_dir / "failing_reward.py").write_text(FAILING_REWARD)
     return parity_reward_dir
 
 
@@ -114,3 +131,18 @@ def test_sigkill_leaves_no_process_behind(tiny_model, tiny_jsonl, parity_reward_
     proc.kill()
     proc.wait(timeout=30)
     assert wait_gone(others) == [], "processes outlived a SIGKILLed run"
+
+
+def test_a_reward_that_always_fails_stops_the_run(tiny_model, tiny_jsonl, slow_reward_dir, tmp_path):
+    """The filtered sampler with max_num_gen_batches = 0 would otherwise never finish step 1."""
+    model, env = tiny_model("qwen3"), train_env(slow_reward_dir)
+    cmd = train_cmd(model, tiny_jsonl, tmp_path, "fail", 5, "--reward.fn=failing_reward:score", "--reward.backend=inline",
+                    "--sampler.type=filtered", "--sampler.filtered.max_num_gen_batches=0", "--reward.max_failed_steps=2")  # fmt: skip
+    proc = start(cmd, env)
+    err = finish(proc, timeout=600)
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("rlx: error: reward function 'failing_reward:score' failed on more than "
+                           "reward.max_failure_fraction=0.5 of the rollouts for 2 ")  # fmt: skip
+    assert "first error: ZeroDivisionError: division by zero" in last
+    assert wait_gone(session_processes(proc.pid)) == []
