@@ -54,7 +54,7 @@ class LossConfig:
     """Packed tokens per forward/backward micro-batch on each rank."""
     logprob_chunk_size: int = ranged(1024, ge=1)
     """Tokens per chunk when computing logprobs/entropy from hidden states."""
-    logprob_backend: str = "auto"
+    logprob_backend: Literal["auto", "naive", "torch", "triton"] = "auto"
     """Logprob/entropy kernel (rlx.algorithms.LOGPROB_BACKENDS): auto picks per device (triton on CUDA, torch on CPU)."""
 
 

@@ -126,6 +126,11 @@ def run(tmp_path_factory):
     eos = load_tokenizer(str(model_dir)).eos_token_id
     reward = FakeReward(varied_reward)
     stages = build_stages(cfg, engine=PolicyEngine(model_dir, eos), reward_scorer=reward)
+    # The reference policy for cases with a KL term (the fixture's own config has none).
+    from rlx.parallel import build_parallel_model
+
+    stages.ref_model = build_parallel_model(str(model_dir), stages.dims, cfg.parallel, device=stages.device,
+                                            dtype=torch.float32, reference=True)  # fmt: skip
     initial = {k: v.detach().clone() for k, v in stages.model.state_dict().items()}
     initial["stream"] = stages.stream.state_dict()
     yield cfg, stages, reward, initial, model_dir
@@ -284,3 +289,119 @@ def test_kl_with_a_batch_quantity_runs_the_pass(run):
     assert not stage.plan(1).old_logprob_pass and stage.plan(1).correction == "micro"
     decoupled = LossStage(loss, dataclasses.replace(rc, bypass_mode=False))
     assert decoupled.plan(1).correction == "micro" and decoupled.plan(2).correction == "batch"
+
+
+# ---- every key of [algorithm], [loss] and [rollout_correction] reaches the loss stage ------------------
+
+BASES = {
+    "decoupled": dict(),
+    "bypass": dict(rc=dict(bypass_mode=True)),
+    "is": dict(rc=dict(rollout_is="token", rollout_is_threshold=1.2)),
+    "rs": dict(rc=dict(rollout_rs="token", rollout_rs_threshold=1.25)),
+    "rs_bounds": dict(rc=dict(rollout_rs_threshold=1.25)),  # bounds set, no criterion yet
+    "kl": dict(loss=dict(kl_coef=0.1)),
+    # At step 1 the policy IS the reference: KL is 0, and only k1's gradient (grad log pi) is not.
+    "k1": dict(loss=dict(kl_estimator="k1")),
+    "norm": dict(loss=dict(agg_mode="seq-mean-token-sum-norm")),
+    "reinforce_pp": dict(algorithm=dict(adv_estimator="reinforce_pp")),
+}
+# (section, key, base, new value): changing the key alone must change the step's numbers.
+KEY_CASES = [
+    ("algorithm", "adv_estimator", "decoupled", "rloo"),
+    ("algorithm", "norm_adv_by_std", "decoupled", False),
+    ("algorithm", "gamma", "reinforce_pp", 0.5),
+    ("loss", "type", "decoupled", "cispo"),
+    ("loss", "agg_mode", "decoupled", "seq-mean-token-sum"),
+    ("loss", "clip_ratio_low", "bypass", 0.02),  # bypass: the ratio pi_theta / pi_rollout is not 1
+    ("loss", "clip_ratio_high", "bypass", 0.02),
+    ("loss", "clip_ratio_c", "bypass", 1.01),
+    ("loss", "loss_scale_factor", "norm", 2.0),
+    ("loss", "kl_coef", "k1", 0.1),
+    ("loss", "kl_estimator", "kl", "k1"),
+    ("loss", "entropy_coef", "decoupled", 0.01),
+    ("loss", "ppo_epochs", "decoupled", 2),
+    ("loss", "mini_batch_size", "decoupled", 1),
+    ("rollout_correction", "rollout_is", "decoupled", "token"),
+    ("rollout_correction", "rollout_is_threshold", "is", 1.05),
+    ("rollout_correction", "rollout_is_threshold_lower", "is", 0.95),
+    ("rollout_correction", "rollout_is_mode", "is", "mask"),
+    ("rollout_correction", "rollout_is_batch_normalize", "is", True),
+    ("rollout_correction", "rollout_rs", "rs_bounds", "token"),
+    ("rollout_correction", "rollout_rs_threshold", "rs", 1.1),
+    ("rollout_correction", "rollout_rs_threshold_lower", "rs", 0.95),
+    ("rollout_correction", "rollout_token_veto_threshold", "decoupled", 0.8),
+    ("rollout_correction", "bypass_mode", "decoupled", True),
+    ("rollout_correction", "loss_type", "bypass", "reinforce"),
+]
+# Keys that must NOT change the numbers (how the work is cut), checked by where they arrive instead.
+NEUTRAL_KEYS = {"micro_batch_tokens", "logprob_chunk_size", "logprob_backend"}
+
+
+def sections(run, base: str, change: tuple[str, str, object] | None = None):
+    cfg = run[0]
+    parts = {"algorithm": AlgorithmConfig(), "loss": cfg.loss, "rc": RolloutCorrectionConfig()}
+    for name, options in BASES[base].items():
+        parts[name] = dataclasses.replace(parts[name], **options)
+    if change is not None:
+        section, key, value = change
+        name = "rc" if section == "rollout_correction" else section
+        parts[name] = dataclasses.replace(parts[name], **{key: value})
+    return parts["algorithm"], parts["loss"], parts["rc"]
+
+
+_BASELINES: dict[str, tuple] = {}
+
+
+def fingerprint(run, algorithm, loss, rc):
+    trainer = configure(run, algorithm, loss, rc)
+    metrics = trainer.step(1)
+    weights = torch.cat([p.detach().flatten() for p in trainer.s.model.parameters()])
+    return metrics, weights
+
+
+def baseline(run, base: str):
+    if base not in _BASELINES:
+        _BASELINES[base] = fingerprint(run, *sections(run, base))
+    return _BASELINES[base]
+
+
+def test_every_key_of_the_loss_sections_is_covered():
+    covered = {(section, key) for section, key, *_ in KEY_CASES}
+    for section, cls in (("algorithm", AlgorithmConfig), ("loss", LossConfig),
+                         ("rollout_correction", RolloutCorrectionConfig)):  # fmt: skip
+        for f in dataclasses.fields(cls):
+            assert (section, f.name) in covered or f.name in NEUTRAL_KEYS, f"{section}.{f.name} has no test"
+
+
+@pytest.mark.parametrize("section, key, base, value", KEY_CASES, ids=[f"{s}.{k}" for s, k, *_ in KEY_CASES])
+def test_changing_a_key_changes_the_step(run, section, key, base, value):
+    before, w_before = baseline(run, base)
+    after, w_after = fingerprint(run, *sections(run, base, (section, key, value)))
+    changed_weights = (w_before - w_after).abs().max().item()
+    changed_metrics = [k for k in ("actor/pg_loss", "actor/grad_norm", "critic/advantages_mean", "actor/num_updates")
+                       if k in before and not math.isclose(before[k], after.get(k, math.nan), rel_tol=1e-6)]  # fmt: skip
+    assert changed_weights > 1e-6 or changed_metrics, f"{section}.{key} = {value!r} changed nothing"
+
+
+def test_work_splitting_keys_arrive_but_keep_the_numbers(run, monkeypatch):
+    import rlx.trainer.policy as policy
+
+    seen: list[tuple] = []
+    real = policy.logprobs_from_hidden
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("chunk_size"), kwargs.get("backend")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(policy, "logprobs_from_hidden", spy)
+    base, w_base = fingerprint(run, *sections(run, "is"))  # (not cached: the spy counts its calls)
+    calls_base = len(seen)
+    for key, value in (("micro_batch_tokens", 4096), ("logprob_chunk_size", 3), ("logprob_backend", "naive")):
+        seen.clear()
+        metrics, weights = fingerprint(run, *sections(run, "is", ("loss", key, value)))
+        torch.testing.assert_close(weights, w_base, atol=1e-6, rtol=1e-5, msg=key)
+        close(metrics["actor/pg_loss"], base["actor/pg_loss"], key, rel=1e-5)
+        if key == "micro_batch_tokens":  # one micro-batch instead of several
+            assert 0 < len(seen) < calls_base
+        else:
+            assert seen and all(s[0 if key == "logprob_chunk_size" else 1] == value for s in seen), (key, seen)
