@@ -12,6 +12,7 @@ GEMMs (dh = g W, dW = g^T h) to cuBLAS.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -107,8 +108,13 @@ def _jit(name: str, interpret: bool):
     return triton.jit({"fwd": _fwd_kernel, "grad": _grad_logits_kernel}[name])
 
 
+def _interpreting() -> bool:
+    # Read like triton does (and at each launch): the env var works across triton 3.x versions.
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def _kernel(name: str, device: torch.device):
-    interpret = bool(triton.knobs.runtime.interpret)
+    interpret = _interpreting()
     if device.type != "cuda" and not interpret:
         raise ValueError(f"logprob backend 'triton' needs CUDA tensors (got {device.type}); set "
                          "TRITON_INTERPRET=1 to run the kernels in the CPU interpreter (slow, for tests), "
@@ -119,7 +125,7 @@ def _kernel(name: str, device: torch.device):
 def _fp32_dot(weight: torch.Tensor) -> bool:
     # fp32 weights get IEEE fp32 products. So do bf16 ones in the interpreter, whose bf16 tl.dot is wrong:
     # bf16 products are exact in fp32, so that is what the GPU's bf16 MMA with fp32 accumulation computes.
-    return weight.dtype == torch.float32 or bool(triton.knobs.runtime.interpret)
+    return weight.dtype == torch.float32 or _interpreting()
 
 
 def _blocks(dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
