@@ -85,7 +85,8 @@ def _prepare(old, roll, response_mask, dtype):
     """
     m = response_mask.to(dtype)
     lengths = m.sum(-1)
-    lr64 = old.double().sub_(roll).mul_(m)
+    # A copy even for float64 inputs (.double() would alias them): never write into the caller's tensor.
+    lr64 = old.to(torch.float64, copy=True).sub_(roll).mul_(m)
     seq = lr64.sum(-1)
     num_tokens, total = torch.stack([lengths.sum().double(), seq.sum()]).tolist()
     if num_tokens == 0:
@@ -94,7 +95,7 @@ def _prepare(old, roll, response_mask, dtype):
         return roll * m, lr64.to(dtype, copy=True), lr64, seq, m, lengths, num_tokens
     padding = ~response_mask.bool()
     old, roll = old.masked_fill(padding, 0.0), roll.masked_fill(padding, 0.0)
-    lr64 = old.double().sub_(roll)
+    lr64 = old.to(torch.float64, copy=True).sub_(roll)
     return roll, lr64.to(dtype, copy=True), lr64, lr64.sum(-1), m, lengths, num_tokens
 
 

@@ -67,13 +67,13 @@ class RolloutCorrectionConfig:
     rollout_is_threshold: float | str = 2.0
     """IS upper bound: a number truncates above it (TIS); 'lo_hi' zeroes weights outside the band (IcePop)."""
     rollout_is_threshold_lower: float | None = ranged(None, gt=0.0)
-    """IS lower bound for rollout_is_mode; none means 1 / upper."""
+    """IS lower bound. truncate: none clamps above the upper bound only (verl's TIS), a value clamps into [lower, upper]; mask: none means 1 / upper."""
     rollout_is_mode: Literal["truncate", "mask"] = "truncate"
-    """Numeric threshold: truncate clamps weights into [lower, upper]; mask zeroes them outside."""
+    """Numeric threshold: truncate clamps the weights (see rollout_is_threshold_lower); mask zeroes them outside [lower, upper]."""
     rollout_is_batch_normalize: bool = False
     """Rescale IS weights to mean 1 over the batch."""
     rollout_rs: str | None = None
-    """Rejection sampling criteria, comma-separated (token_k1, seq_max_k2, token, sequence, geometric, ...)."""
+    """Rejection sampling criteria, comma-separated (token_k1, seq_max_k2, token, sequence, geometric, seq_max_ratio, ...)."""
     rollout_rs_threshold: float | str | None = None
     """RS bounds: one shared entry or one per criterion, comma-separated; k1/ratio modes take 'lo_hi' or u."""
     rollout_rs_threshold_lower: float | None = None
