@@ -93,46 +93,28 @@ class RolloutBatch:
     def extend(self, other: RolloutBatch | Sequence[Rollout]) -> None:
         self.rollouts.extend(other.rollouts if isinstance(other, RolloutBatch) else other)
 
-    def to_tensors(self, pad_id: int = 0) -> dict[str, Any]:
-        """Right-padded tensors for the loss stage.
-
-        Returns `input_ids [B, P+T]` (prompt left-aligned at its own length, response after it, as
-        one sequence per row, right padded), `position_ids [B, P+T]`, `prompt_lens [B]`,
-        `responses [B, T]`, `response_mask [B, T]`, `rollout_log_probs [B, T]` and
-        `token_level_rewards [B, T]` (the reward on the last trained response token, verl's
-        convention), plus `group_ids` (list).
-        """
+    def to_tensors(self) -> dict[str, Any]:
+        """The loss stage's `[B, T]` tensors (T = the longest response, right padded with zeros):
+        `response_mask`, `rollout_log_probs` and `token_level_rewards` (the reward on the last
+        trained response token, verl's convention), plus `group_ids` (list)."""
         import torch
 
         B = len(self.rollouts)
         T = max((len(r.response_ids) for r in self.rollouts), default=0)
-        S = max((len(r.prompt_ids) + len(r.response_ids) for r in self.rollouts), default=0)
-        input_ids = torch.full((B, S), pad_id, dtype=torch.long)
-        position_ids = torch.zeros((B, S), dtype=torch.long)
-        responses = torch.full((B, T), pad_id, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.float32)
         logprobs = torch.zeros((B, T), dtype=torch.float32)
         rewards = torch.zeros((B, T), dtype=torch.float32)
-        prompt_lens = torch.zeros(B, dtype=torch.long)
         for i, r in enumerate(self.rollouts):
-            P, L = len(r.prompt_ids), len(r.response_ids)
-            seq = list(r.prompt_ids) + list(r.response_ids)
-            input_ids[i, : P + L] = torch.tensor(seq, dtype=torch.long)
-            position_ids[i, : P + L] = torch.arange(P + L)
-            prompt_lens[i] = P
-            if L:
-                responses[i, :L] = torch.tensor(r.response_ids, dtype=torch.long)
-                m = torch.tensor(r.mask, dtype=torch.float32)
-                mask[i, :L] = m
-                logprobs[i, :L] = torch.tensor(r.rollout_logprobs, dtype=torch.float32)
-                last = int(m.nonzero().max()) if m.any() else None
-                if last is not None:
-                    rewards[i, last] = r.reward
+            L = len(r.response_ids)
+            if not L:
+                continue
+            m = r.mask
+            mask[i, :L] = torch.tensor(m, dtype=torch.float32)
+            logprobs[i, :L] = torch.tensor(r.rollout_logprobs, dtype=torch.float32)
+            last = max((t for t, keep in enumerate(m) if keep), default=None)
+            if last is not None:
+                rewards[i, last] = r.reward
         return {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "prompt_lens": prompt_lens,
-            "responses": responses,
             "response_mask": mask,
             "rollout_log_probs": logprobs,
             "token_level_rewards": rewards,

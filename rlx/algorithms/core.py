@@ -54,13 +54,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + 1e-8)
 
 
-def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Max over masked entries along `dim`; a row with no valid entry gives 0."""
-    neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
-    out = torch.where(mask.bool(), x, neg_inf).amax(dim)
-    return torch.where(torch.isneginf(out), torch.zeros_like(out), out)
-
-
 def group_index(group_ids: Sequence[Hashable] | np.ndarray | torch.Tensor, device=None) -> torch.Tensor:
     """Map arbitrary hashable group labels to dense int64 ids `[B]` (0..G-1, order of first appearance).
 

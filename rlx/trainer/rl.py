@@ -65,7 +65,7 @@ class RLTrainer:
         # Every rank holds the global batch; each DP rank trains on a token-balanced share.
         rollouts = gather_rollouts(local.rollouts, s)
         metrics = s.sampler.global_metrics(rollouts, metrics)
-        batch = RolloutBatch(rollouts).to_tensors(pad_id=s.pad_id)
+        batch = RolloutBatch(rollouts).to_tensors()
         shares = balance_by_tokens(seq_lengths(rollouts), s.dims.dp_size)
         mine = [rollouts[i] for i in shares[s.dims.dp_rank]]
         g = GlobalBatch(rollouts, batch["response_mask"], torch.zeros(0), batch["rollout_log_probs"])

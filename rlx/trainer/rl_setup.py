@@ -102,7 +102,6 @@ class Stages:
     scheduler: Any
     rng: torch.Generator
     tokenizer: Any
-    pad_id: int
     engine: Any
     generator_tokens: CountingGenerator
     weight_sync: WeightSync
@@ -175,7 +174,6 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
     rng = make_generator(cfg.job.seed)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if engine is None:
         engine = build_generator(cfg.generator, hf_dir, max_prompt_length=cfg.data.max_prompt_length)
     counting = CountingGenerator(engine)
@@ -238,6 +236,6 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
         logger.info("resumed from %s at step %d", state.path, start_step)
     metric_logger = MetricLogger(str(run_dir), cfg.logging, config_dict=cfg.to_dict(), rank=rank,
                                  total_steps=cfg.train.steps)  # fmt: skip
-    return Stages(cfg, device, dims, dp_group, model, ref_model, optimizer, scheduler, rng, tokenizer, pad_id, engine,
+    return Stages(cfg, device, dims, dp_group, model, ref_model, optimizer, scheduler, rng, tokenizer, engine,
                   counting, weight_sync, reward, stream, val_prompts, sampler, ctx, advantage, loss, updater,
                   checkpointer, metric_logger, start_step, resume_data)  # fmt: skip
