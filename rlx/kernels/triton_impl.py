@@ -7,6 +7,10 @@ and E_p[z]. Programs over different vocabulary runs are merged like tensor-paral
 (`merge_slices`), which keeps the GPU busy when there are few tokens. Backward recomputes every tile,
 writes the softmax gradient of one token chunk in the weight's dtype, and leaves the two gradient
 GEMMs (dh = g W, dW = g^T h) to cuBLAS.
+
+The kernels call only Triton builtins (tl.full, tl.reduce with the standard combine functions, not the
+jit-wrapped tl.zeros / tl.sum / tl.max / tl.cdiv): those wrappers are jitted when triton is imported, so
+they break the interpreter whenever triton was imported before TRITON_INTERPRET=1 was set (e.g. by vLLM).
 """
 
 from __future__ import annotations
@@ -29,15 +33,15 @@ def _fwd_kernel(h_ptr, w_ptr, y_ptr, out_ptr, N, V, H, stride_h, stride_w, tiles
     mask_n = offs_n < N
     y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_N], tl.float32)
-    t = tl.zeros([BLOCK_N], tl.float32)
-    target = tl.zeros([BLOCK_N], tl.float32)
+    s = tl.full([BLOCK_N], 0.0, tl.float32)
+    t = tl.full([BLOCK_N], 0.0, tl.float32)
+    target = tl.full([BLOCK_N], 0.0, tl.float32)
     first = pid_s * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    last = tl.minimum(first + tiles_per_split, (V + BLOCK_V - 1) // BLOCK_V)
     for tile in range(first, last):
         offs_v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
         for k in range(0, H, BLOCK_K):
             offs_k = k + tl.arange(0, BLOCK_K)
             mask_k = offs_k < H
@@ -50,13 +54,13 @@ def _fwd_kernel(h_ptr, w_ptr, y_ptr, out_ptr, N, V, H, stride_h, stride_w, tiles
             else:
                 acc = tl.dot(a, b, acc)
         z = tl.where(mask_v[None, :], acc * inv_temp, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_new = tl.maximum(m, tl.reduce(z, 1, tl.standard._elementwise_max))
         alpha = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])
-        s = s * alpha + tl.sum(p, axis=1)
+        s = s * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
         if WITH_ENTROPY:
-            t = t * alpha + tl.sum(p * tl.where(mask_v[None, :], z, 0.0), axis=1)
-        target += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+            t = t * alpha + tl.reduce(p * tl.where(mask_v[None, :], z, 0.0), 1, tl.standard._sum_combine)
+        target += tl.reduce(tl.where(offs_v[None, :] == y[:, None], z, 0.0), 1, tl.standard._sum_combine)
         m = m_new
     row = pid_s * N + offs_n
     plane = tl.num_programs(1) * N
@@ -73,7 +77,7 @@ def _grad_logits_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n, mask_v = offs_n < N, offs_v < V
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
     for k in range(0, H, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         mask_k = offs_k < H

@@ -3,6 +3,9 @@ log_softmax reference, at odd sizes, with temperature, entropy on and off, and m
 kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1) here, compiled on CUDA when a GPU is present."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,6 +134,24 @@ def test_triton_vocabulary_runs_equal_one_run():
     runs = triton_impl.forward_stats(hidden.detach(), weight.detach(), labels, splits=3, **kw)
     for a, b in zip(runs, one):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_interpreter_after_an_earlier_triton_import():
+    """vLLM imports triton before any test can set TRITON_INTERPRET=1; the kernels must still interpret."""
+    code = (
+        "import os, torch, triton\n"  # imported without the flag, as vLLM does
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from rlx.algorithms.logprobs import logprobs_from_hidden\n"
+        "h, w = torch.randn(5, 16), torch.randn(70, 16)\n"
+        "y = torch.randint(0, 70, (5,))\n"
+        "ref = torch.log_softmax(h @ w.t(), -1).gather(-1, y[:, None]).squeeze(-1)\n"
+        "got = logprobs_from_hidden(h, w, y, backend='triton')\n"
+        "assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_backend_names_and_auto_choice(monkeypatch):
