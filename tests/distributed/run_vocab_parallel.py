@@ -133,6 +133,13 @@ def kernel_cases(tp_mesh, impls: list[str], guards: list) -> dict[str, float]:
             single = (*single[:3], single[3][rows], *single[4:])
             name = f"{impl}/n{n}v{v}t{temperature}{'/entropy' if entropy else ''}"
             out[name] = max(diff(a, b) for a, b in zip(parallel, single))
+        # A rank's dummy micro-batch (no response tokens) still meets its TP peers in the all-reduces.
+        weight = distribute_tensor(torch.randn(97, 16), tp_mesh, [Shard(0)]).requires_grad_()
+        h = torch.randn(0, 16, requires_grad=True)
+        lp, ent = logprobs_from_hidden(h, weight, torch.zeros(0, dtype=torch.long), return_entropy=True, backend=impl)
+        (lp.sum() + ent.sum()).backward()
+        stats = token_stats_from_hidden(h.detach(), weight.detach(), backend=impl)
+        out[f"{impl}/no_tokens"] = float(lp.shape != (0,) or stats[0].shape != (0,) or weight.grad.to_local().any())
     return out
 
 
