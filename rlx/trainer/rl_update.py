@@ -20,8 +20,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from rlx.trainer.loss_stage import LossStage, MicroBatchInputs, StepPlan
-from rlx.trainer.policy import dummy_pack, num_forwards, pack_logprobs, pack_rollouts, scatter_rows, _full_weight
-from rlx.trainer.train_step import NonFiniteError, clip_grad_norm_
+from rlx.trainer.policy import dummy_pack, pack_logprobs, pack_rollouts, scatter_rows, _full_weight
+from rlx.trainer.train_step import checked_optimizer_step, run_micro_batches
 from rlx.types import Rollout
 
 
@@ -146,20 +146,18 @@ class PolicyUpdater:
         totals = torch.zeros(4, dtype=torch.float64)  # pg_loss, kl_loss, entropy, token weight
         metric_sums: dict[str, float] = {}
         correction_rows: list[dict] = []
-        for k in range(num_forwards(len(packs), self.dp_group)):
-            if k >= len(packs):
-                self._dummy_backward()
-                continue
-            pack = packs[k]
+
+        def run(pack) -> None:
             idx = [mine[j] for j in pack.rows]
             terms, metrics, rc_rows = self._micro_batch_loss(batch, idx, pack, plan, global_info)
             if rc_rows is not None:
                 correction_rows.append(rc_rows)
             weight = float(batch.response_mask[idx].sum()) / global_info["batch_num_tokens"]
-            totals += torch.tensor([*terms, weight], dtype=torch.float64)
+            totals.add_(torch.tensor([*terms, weight], dtype=torch.float64))
             for key, v in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + v * weight
 
+        run_micro_batches(packs, run, self._dummy_backward, self.dp_group)
         metric_sums = _sum_over_ranks(totals, metric_sums, self.dp_group)
         out: dict[str, float] = {}
         if plan.correction == "micro":
@@ -169,13 +167,9 @@ class PolicyUpdater:
                 _scale_grads(self.model.parameters(), factor)
                 totals[0] *= factor
         pg_loss, kl_loss, ent, weight = totals.tolist()
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.grad_clip).item()
-        for name, value in (("actor/pg_loss", pg_loss), ("actor/kl_loss", kl_loss), ("actor/grad_norm", grad_norm)):
-            if not math.isfinite(value):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"{name} is {value}: stopping before the optimizer step and before any checkpoint")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = checked_optimizer_step(self.model, self.optimizer, self.grad_clip,
+                                           {"actor/pg_loss": pg_loss, "actor/kl_loss": kl_loss},
+                                           norm_name="actor/grad_norm")  # fmt: skip
         out.update({"actor/pg_loss": pg_loss, "actor/grad_norm": grad_norm, "actor/lr": self.optimizer.param_groups[0]["lr"]})
         if self.cfg.kl_coef > 0:
             out["actor/kl_loss"] = kl_loss

@@ -1,6 +1,8 @@
-"""One optimizer step of the trainer, shared by SFT and RL: micro-batches packed by token budget,
+"""One optimizer step of the trainer, shared by SFT and RL: micro-batches grouped by token budget
+(`budget_groups`), the micro-batch loop that keeps data-parallel ranks in step (`run_micro_batches`),
 the loss normalized by the global (all data-parallel ranks) token count, sum-reduced gradients,
-grad-norm clipping over DTensors, AdamW, LR schedules, and the trainer's own seeded RNG.
+grad-norm clipping over DTensors, the non-finite check before the update (`checked_optimizer_step`),
+AdamW, LR schedules, and the trainer's own seeded RNG.
 
 Why the global count: FSDP reduces gradients as sums (gloo has no PREMUL_SUM), so dividing each
 rank's token-loss sum by the count over all ranks makes the summed gradient that of the global
@@ -58,25 +60,31 @@ class MicroBatch:
         return MicroBatch(*moved, num_real_tokens=self.num_real_tokens)
 
 
-def pack_micro_batches(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], token_budget: int) -> list[MicroBatch]:
-    """Group (token_ids, loss_mask) documents into micro-batches of at most `token_budget` padded
-    tokens (rows x longest row); a document longer than the budget gets a micro-batch of its own.
-
-    loss_mask[i] = 1 means token i is a training target (predicted from tokens < i of its own
-    document). Documents are taken in length order so rows of a micro-batch have similar lengths."""
-    for ids, mask in sequences:
-        assert len(ids) == len(mask) and len(ids) > 0, "each document needs ids and a same-length loss mask"
-    order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i][0]), i))
+def budget_groups(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Indices grouped into micro-batches of at most `token_budget` padded tokens (rows x longest
+    row); an item longer than the budget gets a micro-batch of its own. Items are taken in length
+    order, so rows of a micro-batch have similar lengths (little padding). SFT documents and RL
+    rollouts are both grouped by it."""
     groups: list[list[int]] = []
     width = 0
-    for i in order:
-        n = len(sequences[i][0])
-        if groups and max(width, n) * (len(groups[-1]) + 1) <= token_budget:
+    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        if groups and max(width, lengths[i]) * (len(groups[-1]) + 1) <= token_budget:
             groups[-1].append(i)
-            width = max(width, n)
+            width = max(width, lengths[i])
         else:
             groups.append([i])
-            width = n
+            width = lengths[i]
+    return groups
+
+
+def pack_micro_batches(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], token_budget: int) -> list[MicroBatch]:
+    """Group (token_ids, loss_mask) documents into micro-batches (`budget_groups`), one per row.
+
+    loss_mask[i] = 1 means token i is a training target (predicted from tokens < i of its own
+    document)."""
+    for ids, mask in sequences:
+        assert len(ids) == len(mask) and len(ids) > 0, "each document needs ids and a same-length loss mask"
+    groups = budget_groups([len(ids) for ids, _ in sequences], token_budget)
     return [_pad_rows([sequences[i] for i in group]) for group in groups]
 
 
@@ -112,6 +120,49 @@ def token_ce_loss(model: nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, dict[
     return loss_sum, {}
 
 
+def num_micro_batches(local: int, dp_group: dist.ProcessGroup | None) -> int:
+    """The max of `local` over the data-parallel group: every rank runs that many forwards."""
+    if dp_group is None or not dist.is_initialized() or dist.get_world_size(dp_group) == 1:
+        return local
+    t = torch.tensor([local], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dp_group)
+    return int(t)
+
+
+def run_micro_batches(items: Sequence[Any], run: Callable[[Any], None], pad: Callable[[], None],
+                      dp_group: dist.ProcessGroup | None) -> None:  # fmt: skip
+    """`run(item)` for this rank's micro-batches, then `pad()` until every data-parallel rank has run
+    the same number: FSDP's all-gathers (forward) and reduce-scatters (backward) are collectives,
+    matched call for call, so a rank with fewer micro-batches runs padding ones that add nothing."""
+    for k in range(num_micro_batches(len(items), dp_group)):
+        if k < len(items):
+            run(items[k])
+        else:
+            pad()
+
+
+def _check_finite(values: dict[str, float]) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{name} is {value}: stopping before the optimizer step and before any checkpoint")
+
+
+def checked_optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                           losses: dict[str, float], *, norm_name: str = "grad_norm") -> float:  # fmt: skip
+    """Clip the gradients, and step unless a loss or the gradient norm is not finite (then the gradients
+    are dropped and NonFiniteError names the first bad value: the weights, the optimizer state and
+    every later checkpoint stay clean). Returns the norm before clipping."""
+    norm = clip_grad_norm_(model.parameters(), grad_clip).item()
+    try:
+        _check_finite({**losses, norm_name: norm})
+    except NonFiniteError:
+        optimizer.zero_grad(set_to_none=True)
+        raise
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def dp_all_reduce(values: torch.Tensor, dp_group: dist.ProcessGroup | None) -> torch.Tensor:
     """Sum over data-parallel ranks (no-op without a group)."""
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
@@ -134,22 +185,21 @@ def forward_backward(
     call for call. Returns loss (global token mean), num_loss_tokens and num_tokens (global), plus
     loss_fn's metrics summed over this rank's micro-batches (not reduced across ranks)."""
     local_counts = [sum(mb.num_loss_tokens for mb in micro_batches), sum(mb.num_tokens for mb in micro_batches)]
-    counts = torch.tensor(local_counts, dtype=torch.float64, device=device)
-    num_micro = torch.tensor([len(micro_batches)], device=device)
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(counts, group=dp_group)
-        dist.all_reduce(num_micro, op=dist.ReduceOp.MAX, group=dp_group)
+    counts = dp_all_reduce(torch.tensor(local_counts, dtype=torch.float64, device=device), dp_group)
     global_loss_tokens, global_tokens = counts[0].item(), counts[1].item()
-    padded = micro_batches + [_padding_micro_batch()] * (int(num_micro) - len(micro_batches))
     denominator = max(global_loss_tokens, 1.0)
     local_loss = torch.zeros((), dtype=torch.float64, device=device)
     metrics: dict[str, float] = {}
-    for mb in padded:
+
+    def run(mb: MicroBatch) -> None:
+        nonlocal local_loss
         loss_sum, mb_metrics = loss_fn(model, mb.to(device))
         (loss_sum / denominator).backward()
         local_loss += loss_sum.detach().double()
         for k, v in mb_metrics.items():
             metrics[k] = metrics.get(k, 0.0) + v
+
+    run_micro_batches(micro_batches, run, lambda: run(_padding_micro_batch()), dp_group)
     loss = dp_all_reduce(local_loss, dp_group).item() / denominator
     return {**metrics, "loss": loss, "num_loss_tokens": global_loss_tokens, "num_tokens": global_tokens}
 
@@ -165,13 +215,13 @@ def eval_loss(
 ) -> float:
     """Token-mean loss over all DP ranks' micro-batches, without gradients (padded like
     forward_backward, since FSDP all-gathers in forward are collectives too)."""
-    num_micro = torch.tensor([len(micro_batches)], device=device)
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(num_micro, op=dist.ReduceOp.MAX, group=dp_group)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, loss tokens)
-    for mb in micro_batches + [_padding_micro_batch()] * (int(num_micro) - len(micro_batches)):
+
+    def run(mb: MicroBatch) -> None:
         loss_sum, _ = loss_fn(model, mb.to(device))
-        sums += torch.stack([loss_sum.double(), torch.tensor(float(mb.num_loss_tokens), device=device).double()])
+        sums.add_(torch.stack([loss_sum.double(), torch.tensor(float(mb.num_loss_tokens), device=device).double()]))
+
+    run_micro_batches(micro_batches, run, lambda: run(_padding_micro_batch()), dp_group)
     loss_sum, count = dp_all_reduce(sums, dp_group).tolist()
     return loss_sum / max(count, 1.0)
 
@@ -235,13 +285,8 @@ def train_step(
 
     Raises NonFiniteError (leaving the weights untouched) if the loss or grad norm is not finite."""
     metrics = forward_backward(model, micro_batches, loss_fn, device=device, dp_group=dp_group)
-    norm = clip_grad_norm_(model.parameters(), grad_clip).item()
-    if not (math.isfinite(metrics["loss"]) and math.isfinite(norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteError(f"non-finite loss {metrics['loss']} or grad norm {norm}; stopping before the update")
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    norm = checked_optimizer_step(model, optimizer, grad_clip, {"loss": metrics["loss"]})
     scheduler.step()
     return {**metrics, "grad_norm": norm, "lr": lr}
 
