@@ -177,7 +177,7 @@ def run_sft(cfg: Any, stop_fn: Callable[[int, torch.nn.Module], bool] | None = N
     dp_group = dims.get_mesh("dp").get_group()
     main = distributed.is_main()
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path)  # (resolved: model.path when empty)
     docs = load_docs(cfg.sft.train_files, tokenizer, cfg.sft, cfg.model.use_chat_template)
     if cfg.sft.val_files:
         val_docs = load_docs(cfg.sft.val_files, tokenizer, cfg.sft, cfg.model.use_chat_template)
