@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import subprocess
 import sys
 from typing import Any
 
 from rlx.errors import UserError
+from rlx.lifecycle import descendants
 from rlx.reward.builtins import resolve_reward_fn
 from rlx.reward.guard import RewardFailureGuard
 from rlx.reward.scorer import _KILL_GRACE_S, Item, Outcome, _Scorer, _split, _warmup, score_items
@@ -61,8 +63,12 @@ class RayScorer(_Scorer):
             if not ray.is_initialized():
                 _protect_local_ray(options)
         self._owns_ray = not ray.is_initialized()
+        self._watchdog: subprocess.Popen | None = None
         if self._owns_ray:
+            before = descendants(os.getpid())
             ray.init(**options)
+            if not ray_address:
+                self._watchdog = _start_watchdog(descendants(os.getpid()) - before)
         self._ray = ray
         self._remote = ray.remote(num_cpus=1, max_retries=0)(_ray_score_chunk)
         self.num_remote_calls = 0  # for tests and logs: remote calls made so far
@@ -96,6 +102,48 @@ class RayScorer(_Scorer):
         if getattr(self, "_owns_ray", False) and self._ray.is_initialized():
             self._ray.shutdown()
         self._owns_ray = False
+        if getattr(self, "_watchdog", None) is not None:
+            self._watchdog.kill()
+            self._watchdog.wait()
+            self._watchdog = None
+
+
+# Started beside a local Ray: when the trainer dies without closing it (SIGKILL), Ray's head
+# processes mostly follow, but some agents do not. This waits for the trainer to go (its parent
+# changes) and SIGKILLs the Ray processes started with it (pid and start time must both match).
+_WATCHDOG = """
+import os, signal, sys, time
+
+def start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+trainer, targets = int(sys.argv[1]), [arg.split(":") for arg in sys.argv[2:]]
+while os.getppid() == trainer:
+    time.sleep(1.0)
+for pid, started in targets:
+    if start_time(int(pid)) == started:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+def _start_watchdog(pids: set[int]) -> subprocess.Popen | None:
+    targets = []
+    for pid in sorted(pids):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                targets.append(f"{pid}:{f.read().rsplit(')', 1)[1].split()[19]}")
+        except (OSError, IndexError):
+            continue
+    if not targets:
+        return None
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *targets], stdin=subprocess.DEVNULL)
 
 
 def _protect_local_ray(options: dict[str, Any]) -> None:

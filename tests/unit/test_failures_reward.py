@@ -119,8 +119,9 @@ def test_a_local_ray_is_protected_and_a_user_cluster_is_not(monkeypatch):
     fake = SimpleNamespace(Config=SimpleNamespace(initialize=lambda _: refreshed.append("config")),
                            AuthenticationTokenLoader=SimpleNamespace(instance=lambda: loader))  # fmt: skip
     monkeypatch.setitem(sys.modules, "ray._raylet", fake)  # this process's real Ray stays untouched
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # set-then-delete: monkeypatch restores the original
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     options: dict = {}
     _protect_local_ray(options)
     assert options == {"_node_ip_address": "127.0.0.1"} and refreshed == ["config", "token"]
@@ -137,3 +138,39 @@ def test_sigint_reaches_workers_without_breaking_the_pool(slow_module):
             os.kill(pid, signal.SIGINT)  # what Ctrl-C sends to the whole process group
         assert scores(scorer.score([rollout("0", None)] * 4)) == [1.0] * 4
         assert scorer.metrics()["reward/failures"] == 0.0
+
+
+RAY_OWNER = textwrap.dedent(
+    """
+    import time
+    from rlx.reward.ray_pool import RayScorer
+    from tests.unit.test_reward import CharTokenizer
+
+    if __name__ == "__main__":
+        scorer = RayScorer("exact_match", CharTokenizer(), num_workers=1)
+        print("ready", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_local_ray_dies_with_a_sigkilled_trainer(tmp_path):
+    pytest.importorskip("ray")
+    from tests.integration.test_failures import session_processes, wait_gone
+
+    script = tmp_path / "ray_owner.py"
+    script.write_text(RAY_OWNER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            start_new_session=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        started = session_processes(proc.pid)
+        assert len(started) > 3  # gcs, raylet, agents, workers
+        proc.kill()
+        proc.wait(timeout=10)
+        assert wait_gone(started, 30.0) == [], "Ray processes outlived a SIGKILLed trainer"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
