@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                        f"--data.val_files={data['val']}",
                                        "--train.val_before_train=true", *overrides]).resolved()  # fmt: skip
     say(f"GRPO: {rl_cfg.train.steps} steps, sampler '{rl_cfg.sampler.type}', vLLM CPU engine")
-    trainer = rl.RLTrainer(rl_cfg)
+    trainer = rl.RLTrainer(rl_cfg, rl.build_stages(rl_cfg))
     try:
         before = trainer.validate()
         trainer.s.logger.log(before, step=0)
