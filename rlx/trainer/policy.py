@@ -7,7 +7,7 @@ shard of the lm_head. Results come back in the flat `[B, T]` layout of the loss 
 rollout i, column t its t-th response token.
 
 Every data-parallel rank must run the same number of forwards (FSDP all-gathers are collectives),
-so the callers pad with a 1-token dummy row; `num_forwards` agrees on that number.
+so the callers pad with a 1-token dummy row; `num_micro_batches` agrees on that number.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from rlx.algorithms.logprobs import logprobs_from_hidden, token_stats_from_hidden
+from rlx.trainer.train_step import budget_groups, num_micro_batches
 from rlx.types import Rollout
 
 
@@ -46,21 +47,10 @@ class Pack:
 
 
 def pack_rollouts(rollouts: Sequence[Rollout], token_budget: int) -> list[Pack]:
-    """Micro-batches of whole rollouts with at most `token_budget` padded tokens each (a longer
-    rollout gets a micro-batch of its own). Rollouts are taken in length order so that rows of
-    one micro-batch have similar lengths (little padding). An empty list gives no packs."""
+    """Micro-batches of whole rollouts with at most `token_budget` padded tokens each, grouped like
+    SFT documents (`budget_groups`: length order, a longer rollout alone). An empty list gives none."""
     lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
-    packs, current, longest = [], [], 0
-    for i in sorted(range(len(rollouts)), key=lambda i: (lengths[i], i)):
-        width = max(longest, lengths[i])
-        if current and width * (len(current) + 1) > token_budget:
-            packs.append(_make_pack(rollouts, current))
-            current, width = [], lengths[i]
-        current.append(i)
-        longest = width
-    if current:
-        packs.append(_make_pack(rollouts, current))
-    return packs
+    return [_make_pack(rollouts, rows) for rows in budget_groups(lengths, token_budget)]
 
 
 def _make_pack(rollouts: Sequence[Rollout], rows: list[int]) -> Pack:
@@ -89,24 +79,11 @@ def dummy_pack() -> Pack:
     return Pack(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), [], empty, empty, empty, empty)
 
 
-def num_forwards(local: int, group: dist.ProcessGroup | None) -> int:
-    """The max of `local` over the data-parallel group (every rank runs that many forwards)."""
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return local
-    t = torch.tensor([local], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t)
-
-
 def local_weight(weight: torch.Tensor) -> torch.Tensor:
     """This rank's rows of the `[V, H]` output weight: its vocabulary shard under TP (`to_local()`, a
     differentiable view whose gradient lands in the DTensor), the weight itself otherwise. Never gathers."""
     return weight.to_local() if isinstance(weight, DTensor) else weight
 
-
-# Old name, still imported by the update's dummy backward (a zero loss through every parameter), which
-# needs only a plain tensor: the local shard serves, so even that path never gathers the full lm_head.
-_full_weight = local_weight
 
 
 def pack_logprobs(
@@ -146,7 +123,7 @@ def _forward_all(model: nn.Module, rollouts: Sequence[Rollout], head, *, device:
     Under TP the weight is the vocabulary-sharded DTensor: heads pass it to the vocabulary-parallel
     kernels, and every TP rank of a DP group runs the same packs, so their all-reduces pair up."""
     packs = pack_rollouts(rollouts, token_budget)
-    for k in range(num_forwards(len(packs), dp_group)):
+    for k in range(num_micro_batches(len(packs), dp_group)):
         pack = packs[k] if k < len(packs) else dummy_pack()
 
         def output_fn(hidden: torch.Tensor, weight: torch.Tensor, pack: Pack = pack):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from rlx import distributed
 from rlx.checkpoint import Checkpointer, is_complete
+from rlx.algorithms.logprobs import resolve_logprob_backend
 from rlx.config import Config, save_resolved
 from rlx.data import build_train_data, build_val_data
 from rlx.generator import build_generator
@@ -165,6 +166,7 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
     dtype = DTYPES[cfg.model.dtype]
     logger.info("building the policy from %s (dp=%d, tp=%d, world=%d)", hf_dir, dims.dp_size, dims.tp, world)
     model = build_parallel_model(hf_dir, dims, cfg.parallel, device=device, dtype=dtype)
+    logger.info("logprob backend: %s", resolve_logprob_backend(cfg.loss.logprob_backend, device))
     ref_model = None
     if cfg.loss.kl_coef > 0:
         ref_model = build_parallel_model(cfg.model.ref_path, dims, cfg.parallel, device=device, dtype=dtype,

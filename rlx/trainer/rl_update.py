@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from rlx.trainer.loss_stage import LossStage, MicroBatchInputs, StepPlan
-from rlx.trainer.policy import dummy_pack, pack_logprobs, pack_rollouts, scatter_rows, _full_weight
+from rlx.trainer.policy import dummy_pack, local_weight, pack_logprobs, pack_rollouts, scatter_rows
 from rlx.trainer.train_step import checked_optimizer_step, run_micro_batches
 from rlx.types import Rollout
 
@@ -203,7 +203,7 @@ class PolicyUpdater:
         """A zero loss through every parameter: FSDP's collectives need every rank's backward."""
         pack = dummy_pack()
         zero = self.model(pack.input_ids.to(self.device), pack.position_ids.to(self.device),
-                          output_fn=lambda h, w: (h.sum() + _full_weight(w).sum()) * 0.0)  # fmt: skip
+                          output_fn=lambda h, w: (h.sum() + local_weight(w).sum()) * 0.0)  # fmt: skip
         zero.backward()
 
 

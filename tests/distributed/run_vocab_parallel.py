@@ -215,12 +215,12 @@ def policy_case(path: str, dims: ParallelDims, a, guards: list) -> dict[str, flo
         worst = max(worst, diff(full / dims.dp_size, plain_grads[key].grad))
     out["param_grads"] = worst
     out["lm_head_is_dtensor"] = float(isinstance(model.lm_head.weight, DTensor))
-    # The update's dummy backward (a zero loss through every parameter, rl_update) uses `_full_weight`,
+    # The update's dummy backward (a zero loss through every parameter, rl_update) uses `local_weight`,
     # which now hands over the local shard: it must run without gathering either.
     guard = FullVocabGuard(vocab, vocab * hidden * 4, fsdp=dims.fsdp_enabled)
     with guard.watching():
         pack = policy.dummy_pack()
-        zero_loss = lambda h, w: (h.sum() + policy._full_weight(w).sum()) * 0.0  # noqa: E731
+        zero_loss = lambda h, w: (h.sum() + policy.local_weight(w).sum()) * 0.0  # noqa: E731
         model(pack.input_ids, pack.position_ids, output_fn=zero_loss).backward()
     guards.append(("policy/dummy_backward", guard))
     return out
