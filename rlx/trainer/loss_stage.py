@@ -70,6 +70,11 @@ def build_rollout_correction(cfg: Any) -> RolloutCorrection | None:
     )  # fmt: skip
 
 
+def build_loss(loss_cfg: Any, rc_cfg: Any) -> LossStage:
+    """The loss stage from `[loss]` and `[rollout_correction]` (bypass mode picks the loss type there)."""
+    return LossStage(loss_cfg, rc_cfg)
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Which no-grad passes one step runs and where rollout correction happens."""

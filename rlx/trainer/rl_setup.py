@@ -29,7 +29,7 @@ from rlx.models.tokenizer import apply_chat_template
 from rlx.parallel import ParallelDims, build_parallel_model
 from rlx.reward import build_reward
 from rlx.sampler import SamplerContext, build_sampler
-from rlx.trainer.loss_stage import AdvantageFn, LossStage, build_advantage
+from rlx.trainer.loss_stage import AdvantageFn, LossStage, build_advantage, build_loss
 from rlx.trainer.policy import compute_token_stats
 from rlx.trainer.rl_update import PolicyUpdater
 from rlx.trainer.train_step import build_lr_scheduler, build_optimizer, make_generator
@@ -217,7 +217,7 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
                          next_prompts=stream.take)  # fmt: skip
 
     advantage = build_advantage(cfg.algorithm)
-    loss = LossStage(cfg.loss, cfg.rollout_correction)
+    loss = build_loss(cfg.loss, cfg.rollout_correction)
     updater = PolicyUpdater(model, optimizer, cfg.loss, loss, device=device, dp_rank=dims.dp_rank,
                             dp_size=dims.dp_size, dp_group=dp_group, temperature=cfg.generator.temperature,
                             grad_clip=cfg.optim.grad_clip, rng=rng)  # fmt: skip
