@@ -46,7 +46,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _rlx_config(work: Path, shape: str, dtype: str) -> Path:
+def _rlx_config(work: Path, shape: str, dtype: str, measured: int) -> Path:
     s = task.SHAPES[shape]
     seqs, width = s["prompts"] * s["n"], task.PROMPT_TOKENS + s["new_tokens"]
     bf16 = dtype == "bf16"
@@ -65,7 +65,7 @@ def _rlx_config(work: Path, shape: str, dtype: str) -> Path:
         "loss": {"type": "ppo_clip", "agg_mode": "token-mean", "kl_coef": 0.0, "ppo_epochs": 1, "mini_batch_size": 0,
                  "micro_batch_tokens": s["micro_seqs"] * width},
         "optim": {"lr": 1e-6, "weight_decay": 0.0, "grad_clip": 1.0},
-        "train": {"steps": s["warmup"] + s["measured"], "val_every": 0, "val_before_train": False},
+        "train": {"steps": s["warmup"] + measured, "val_every": 0, "val_before_train": False},
         "checkpoint": {"enable": False},
         "logging": {"console": False, "progress_bar": False, "jsonl": False, "wandb": False},
     }  # fmt: skip
@@ -78,15 +78,19 @@ def _rlx_config(work: Path, shape: str, dtype: str) -> Path:
     return path
 
 
-def worker_rlx(work: Path, shape: str, dtype: str) -> dict:
+def worker_rlx(work: Path, shape: str, dtype: str, measured: int, settings: list[str]) -> dict:
     import rlx  # noqa: F401  (first: rlx sets the OpenMP environment before torch loads)
     from rlx.config import load_config
     from rlx.trainer.rl import RLTrainer
 
-    s = task.SHAPES[shape]
-    cfg = load_config(_rlx_config(work, shape, dtype)).resolved()
+    s = {**task.SHAPES[shape], "measured": measured}
+    cfg = load_config(_rlx_config(work, shape, dtype, measured)).resolved()
     if not hasattr(cfg.generator, "min_tokens") or cfg.generator.min_tokens == 0:
         cfg.generator.min_tokens = s["new_tokens"]  # EOS suppressed: every completion is full length
+    for item in settings:  # --rlx-set section.key=value, also for fields a config does not have yet
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, json.loads(value))
     start = time.perf_counter()
     if "stages" in inspect.signature(RLTrainer).parameters:
         from rlx.trainer.rl_setup import build_stages
@@ -107,19 +111,20 @@ def worker_rlx(work: Path, shape: str, dtype: str) -> dict:
     return {"build_s": build, "steps": steps, "peak_rss_mb": _peak_rss_mb()}
 
 
-def worker_trl(work: Path, shape: str, dtype: str) -> dict:
+def worker_trl(work: Path, shape: str, dtype: str, measured: int, settings: list[str]) -> dict:
     import torch
     import trl.extras.profiling as profiling
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    s = task.SHAPES[shape]
+    s = {**task.SHAPES[shape], "measured": measured}
     seqs = s["prompts"] * s["n"]
     spans: dict[str, float] = {}
 
     def record(self, duration: float) -> None:  # TRL's profiling spans, kept instead of sent to wandb
-        spans[self.name] = spans.get(self.name, 0.0) + duration
+        name = self.name.split(".", 1)[-1]  # "GRPOTrainer.transformers.generate" -> "transformers.generate"
+        spans[name] = spans.get(name, 0.0) + duration
 
     profiling.ProfilingContext._log_metrics = record
     steps: list[dict] = []
@@ -200,7 +205,9 @@ def run_worker(python: str, kind: str, work: Path, args, env_extra: dict[str, st
            "WANDB_MODE": "offline", "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
            **env_extra}  # fmt: skip
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(work), "--shape", args.shape,
-           "--dtype", args.dtype]  # fmt: skip
+           "--dtype", args.dtype, "--measured", str(args.measured)]  # fmt: skip
+    if kind == "rlx":
+        cmd += [f"--rlx-set={item}" for item in args.rlx_set]
     load = uptime()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
@@ -246,22 +253,26 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--peer", choices=["none", "trl"], default="none")
     p.add_argument("--background-load", type=int, default=0, help="busy-looping processes beside loaded runs")
+    p.add_argument("--measured", type=int, default=0, help="measured steps per run (default: the shape's, 5 or 3)")
     p.add_argument("--rounds", type=int, default=1, help="runs per framework (and per load level), alternated")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the rlx worker (A/B experiments)")
+    p.add_argument("--rlx-set", action="append", default=[],
+                   help="section.key=JSON set on rlx's resolved config (A/B experiments, fields not in the config yet)")
     p.add_argument("--rlx-src", default="", help="run the rlx package found here (a checkout) instead of the installed one")
     p.add_argument("--workdir", default="", help="model, prompts and runs (default: a temporary directory)")
     p.add_argument("--worker", choices=["rlx", "trl", "matmul"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.measured = args.measured or task.SHAPES[args.shape]["measured"]
     if args.worker:
         fn = {"rlx": worker_rlx, "trl": worker_trl}.get(args.worker)
-        out = fn(Path(args.workdir), args.shape, args.dtype) if fn else worker_matmul(args.dtype)
+        out = fn(Path(args.workdir), args.shape, args.dtype, args.measured, args.rlx_set) if fn else worker_matmul(args.dtype)
         print(RESULT + json.dumps(out), flush=True)
         return
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rlx-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
     s = task.SHAPES[args.shape]
-    task.write_prompts(work / "prompts.jsonl", s["prompts"] * (s["warmup"] + s["measured"]))
+    task.write_prompts(work / "prompts.jsonl", s["prompts"] * (s["warmup"] + args.measured))
     params = task.write_model(work / f"model-{args.shape}", args.shape)
     assert params == task.num_params(args.shape), (params, task.num_params(args.shape))
     frameworks = {"rlx": sys.executable}
@@ -305,8 +316,8 @@ def main() -> None:
     if "trl" in frameworks:
         result["rlx_over_trl"] = round(result["rlx"]["s_per_step"] / result["trl"]["s_per_step"], 3)
     result["load_avg_end"] = float(uptime())
-    if rlx_env:
-        result["rlx_env"] = rlx_env
+    if rlx_env or args.rlx_set:
+        result["rlx_env"], result["rlx_set"] = rlx_env, args.rlx_set
     print(json.dumps(result), flush=True)
 
 

@@ -148,6 +148,39 @@ class RngSwap:
             trainer_state.restore()
 
 
+class TorchThreads:
+    """Keeps torch's intra-op thread count the trainer's across a CPU engine's life.
+
+    vLLM's CPU worker replaces `torch.set_num_threads` with a no-op while the engine is built and
+    may lower the count for serving; `with threads.building():` puts both back afterwards, so the
+    trainer keeps every core. `with threads.generating():` runs generation at `generate_threads`
+    (the count is process-wide: OpenMP regions of vLLM's kernels follow it too)."""
+
+    def __init__(self, generate_threads: int | None = None):
+        self.train_threads = torch.get_num_threads()
+        self.generate_threads = generate_threads or self.train_threads
+
+    @contextmanager
+    def building(self):
+        set_num_threads = torch.set_num_threads
+        try:
+            yield
+        finally:
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(self.train_threads)
+
+    @contextmanager
+    def generating(self):
+        if self.generate_threads == self.train_threads:
+            yield
+            return
+        torch.set_num_threads(self.generate_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.train_threads)
+
+
 def check_max_lengths(max_prompt_length: int, max_tokens: int, max_model_len: int) -> int:
     """The engine's context length: `max_model_len`, or prompt + response limits when it is 0."""
     if max_prompt_length < 1:

@@ -19,6 +19,7 @@ from rlx.errors import UserError
 from rlx.generator.base import (
     GeneratorLayout,
     RngSwap,
+    TorchThreads,
     check_max_lengths,
     split_by_prompt_length,
 )
@@ -27,6 +28,9 @@ from rlx.types import Completion, GenerationRequest
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+# Scheduler limits on CPU when the config leaves them at 0: one wave for a whole RL step.
+CPU_MAX_NUM_SEQS = 1024
+CPU_MAX_NUM_BATCHED_TOKENS = 8192
 
 
 def import_vllm():
@@ -79,10 +83,9 @@ class VLLMGenerator:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kwargs = self._engine_kwargs(model_path)
         logger.info("generator: building vLLM engine %s", kwargs)
-        set_num_threads = torch.set_num_threads  # the CPU worker replaces it with a no-op
-        with self._rng.engine():
+        self._threads = TorchThreads(getattr(cfg, "generate_threads", 0) or None)
+        with self._threads.building(), self._rng.engine():
             self.llm = vllm.LLM(**kwargs)
-        torch.set_num_threads = set_num_threads
         self.engine_dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -110,6 +113,12 @@ class VLLMGenerator:
         else:
             # Never pass enable_sleep_mode on CPU: vLLM raises "not supported on current platform".
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_space_gib * GiB)
+            # vLLM's CPU defaults (256 sequences, 4096 tokens per step) split one RL step's rollouts
+            # (prompts x n, often 512+) into waves, each paying the per-step Python overhead again.
+            kwargs["max_num_seqs"] = getattr(cfg, "max_num_seqs", 0) or CPU_MAX_NUM_SEQS
+            kwargs["max_num_batched_tokens"] = getattr(cfg, "max_num_batched_tokens", 0) or max(
+                CPU_MAX_NUM_BATCHED_TOKENS, self.max_model_len
+            )
             if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 logger.warning(
                     "VLLM_CPU_KVCACHE_SPACE=%s overrides generator.kv_cache_space_gib=%s",
@@ -163,7 +172,7 @@ class VLLMGenerator:
         prompts = [{"prompt_token_ids": list(requests[i].prompt_ids)} for i in keep]
         params = [self._sampling_params(requests[i], validation) for i in keep]
         start = time.perf_counter()
-        with self._rng.engine():
+        with self._threads.generating(), self._rng.engine():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
 
