@@ -26,6 +26,7 @@ quantity in play, the step runs the no-grad pass and corrects on the full batch 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +42,7 @@ from rlx.algorithms import (
     kl_penalty,
     policy_loss,
 )
+from rlx.types import Rollout
 
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor, Sequence], tuple[torch.Tensor, torch.Tensor]]
 
@@ -88,17 +90,27 @@ class StepPlan:
 
 
 @dataclass
-class MicroBatchInputs:
-    """The loss stage's `[R, T]` inputs for the rows of one micro-batch (on the training device)."""
+class GlobalBatch:
+    """The step's full batch, identical on every rank (tensors `[B, T]`, fp32, CPU), or the rows of one
+    micro-batch of it on the training device (`rows`)."""
 
-    mask: torch.Tensor
+    rollouts: list[Rollout]
+    response_mask: torch.Tensor
     advantages: torch.Tensor
     rollout_log_probs: torch.Tensor
     old_log_probs: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
     rs_mask: torch.Tensor | None = None
-    """Bypass mode, batch correction: the policy loss's mask (`mask` stays the response mask)."""
+    """Bypass mode with a batch correction: the policy loss's mask (response_mask keeps the normalizers)."""
+
+    def rows(self, idx: list[int], device: torch.device) -> GlobalBatch:
+        """Rows `idx` of every tensor, on `device`."""
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx].to(device)
+
+        return GlobalBatch([self.rollouts[i] for i in idx], *(take(getattr(self, f.name))
+                           for f in dataclasses.fields(self)[1:]))  # fmt: skip
 
 
 class LossStage:
@@ -154,17 +166,18 @@ class LossStage:
         return metrics
 
     def micro_batch_loss(
-        self, log_prob: torch.Tensor, entropy: torch.Tensor | None, x: MicroBatchInputs, plan: StepPlan,
+        self, log_prob: torch.Tensor, entropy: torch.Tensor | None, x: GlobalBatch, plan: StepPlan,
         global_info: dict,
     ) -> tuple[torch.Tensor, tuple[float, float, float], dict[str, float], dict | None]:  # fmt: skip
         """(loss, (pg, kl, entropy) terms, loss metrics, correction rows or None) of one micro-batch.
 
-        `log_prob`/`entropy` are the training forward's `[R, T]` values (with grad)."""
+        `log_prob`/`entropy` are the training forward's `[R, T]` values (with grad); `x` the micro-batch's
+        rows of the batch (`GlobalBatch.rows`)."""
         cfg = self.cfg
-        mask = x.rs_mask if x.rs_mask is not None else x.mask
+        mask = x.rs_mask if x.rs_mask is not None else x.response_mask
         weights, rows = x.is_weights, None
-        if plan.correction == "micro" and bool(x.mask.any()):  # (a micro-batch of empty responses has no terms)
-            terms = self.correction.terms(log_prob.detach(), x.rollout_log_probs, x.mask)
+        if plan.correction == "micro" and bool(x.response_mask.any()):  # (a micro-batch of empty responses has none)
+            terms = self.correction.terms(log_prob.detach(), x.rollout_log_probs, x.response_mask)
             mask, rows = terms.rs_mask, terms.rows
             weights = terms.weights if self.weights_in_loss else None
         if self.bypass:
@@ -179,7 +192,7 @@ class LossStage:
         pg_value = loss.detach().item()
         # verl: bypass mode keeps the response mask for the KL/entropy terms (RS lives inside its policy
         # loss); decoupled mode trains them on the RS mask like everything else.
-        term_mask = x.mask if self.bypass else mask
+        term_mask = x.response_mask if self.bypass else mask
         kl_value = ent_value = 0.0
         if cfg.kl_coef > 0:
             kl_loss = agg_loss(kl_penalty(log_prob, x.ref_log_probs, cfg.kl_estimator), term_mask, cfg.agg_mode,

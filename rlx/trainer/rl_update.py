@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from rlx.trainer.loss_stage import LossStage, MicroBatchInputs, StepPlan
+from rlx.trainer.loss_stage import GlobalBatch, LossStage, StepPlan  # noqa: F401 (GlobalBatch: re-exported)
 from rlx.trainer.policy import dummy_pack, local_weight, pack_logprobs, pack_rollouts, scatter_rows
 from rlx.trainer.train_step import checked_optimizer_step, run_micro_batches
 from rlx.types import Rollout
@@ -54,21 +53,6 @@ def gather_rows(local: torch.Tensor, shares: list[list[int]], total: int, group)
         if share:
             out[share, : piece.shape[1]] = piece
     return out
-
-
-@dataclass
-class GlobalBatch:
-    """The step's full batch, identical on every rank. Tensors are `[B, T]`, fp32, CPU."""
-
-    rollouts: list[Rollout]
-    response_mask: torch.Tensor
-    advantages: torch.Tensor
-    rollout_log_probs: torch.Tensor
-    old_log_probs: torch.Tensor | None = None
-    ref_log_probs: torch.Tensor | None = None
-    is_weights: torch.Tensor | None = None
-    rs_mask: torch.Tensor | None = None
-    """Bypass mode with a batch correction: the policy loss's mask (response_mask keeps the normalizers)."""
 
 
 def _sum_over_ranks(totals: torch.Tensor, sums: dict[str, float], group) -> dict[str, float]:
@@ -186,13 +170,7 @@ class PolicyUpdater:
                                           chunk_size=self.cfg.logprob_chunk_size, with_entropy=need_entropy,
                                           backend=self.cfg.logprob_backend)  # fmt: skip
         width = batch.response_mask.shape[1]
-
-        def take(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[idx].to(self.device)
-
-        inputs = MicroBatchInputs(take(batch.response_mask), take(batch.advantages), take(batch.rollout_log_probs),
-                                  take(batch.old_log_probs), take(batch.ref_log_probs), take(batch.is_weights),
-                                  take(batch.rs_mask))  # fmt: skip
+        inputs = batch.rows(idx, self.device)
         entropy = scatter_rows(ent_flat, pack, width) if need_entropy else None
         loss, terms, metrics, rows = self.loss.micro_batch_loss(scatter_rows(lp_flat, pack, width), entropy, inputs,
                                                                 plan, global_info)  # fmt: skip
