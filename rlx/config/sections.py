@@ -248,7 +248,7 @@ class RewardConfig:
     worker_memory_mb: int = ranged(0, ge=0)
     """process backend: address-space limit per scoring worker (RLIMIT_AS), MiB; 0 means no limit."""
     worker_cpu_seconds: int = ranged(0, ge=0)
-    """process backend: CPU-time limit per scoring worker (RLIMIT_CPU), seconds; 0 means no limit."""
+    """process backend: CPU seconds one reward call may use in a worker (RLIMIT_CPU, re-armed per call; the call then counts as a timeout); 0 means no limit."""
 
     def validate(self) -> None:
         check_import_path(self.fn, "fn", REWARD_FNS, "reward function")

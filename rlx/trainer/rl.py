@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from rlx.config import Config, parse_args
+from rlx.lifecycle import Lifecycle
 from rlx.trainer.policy import compute_logprobs
 from rlx.trainer.rl_setup import Stages, build_stages, gather_rollouts
 from rlx.trainer.rl_update import GlobalBatch, balance_by_tokens, gather_rows, seq_lengths
@@ -44,9 +45,10 @@ class RLTrainer:
     """Runs steps, validation and checkpoints over the stages of a run (`build_stages(cfg)`, or fakes
     in tests: a scripted generator and reward stand in for vLLM and the reward pool)."""
 
-    def __init__(self, cfg: Config, stages: Stages):
+    def __init__(self, cfg: Config, stages: Stages, life: Lifecycle | None = None):
         self.cfg = cfg
         self.s = stages
+        self.life = life if life is not None else Lifecycle()  # not entered: no handlers, never stops
         self.total_generated_tokens = float(self.s.resume_data.get("total_generated_tokens", 0.0))
 
     # ---- one step --------------------------------------------------------------------------------
@@ -60,6 +62,12 @@ class RLTrainer:
             local, metrics = s.sampler.sample(s.stream.take(s.sampler.num_prompts), s.sampler_ctx)
         timer.seconds["timing/reward"] = s.reward.pop_seconds()
         timer.seconds["timing/generate"] -= timer.seconds["timing/reward"]
+        # Reward failures of this step over all ranks: a reward that keeps failing stops the run here,
+        # before the update trains on its zeros (reward.max_failure_fraction / max_failed_steps).
+        reward_metrics = s.reward.metrics()
+        failures, scored = s.sampler_ctx.global_sum(reward_metrics.get("reward/failures", 0.0),
+                                                    reward_metrics.get("reward/num_scored", 0.0))  # fmt: skip
+        reward_metrics.update(s.reward.end_step(failures, scored))
         s.engine.sleep()  # GPU: free the engine's memory for the update (no-op on CPU)
 
         # Every rank holds the global batch; each DP rank trains on a token-balanced share.
@@ -91,7 +99,7 @@ class RLTrainer:
             metrics.update(s.weight_sync.push(s.model, version=step))
 
         metrics.update(self._batch_metrics(rollouts, g, s.generator_tokens.pop()))
-        metrics.update(s.reward.metrics())
+        metrics.update(reward_metrics)
         metrics["generator/dropped_prompts"] = s.engine.metrics().get("generator/dropped_prompts", 0.0)
         metrics.update(timer.seconds)
         metrics["timing/step"] = time.perf_counter() - start
@@ -165,9 +173,11 @@ class RLTrainer:
     # ---- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
-        s, cfg = self.s, self.cfg
+        s, cfg, life = self.s, self.cfg, self.life
         last = cfg.train.steps
         final: dict[str, float] = {}
+        if life.should_stop():  # a signal while the stages were built: nothing new to save
+            raise life.stopped(s.start_step, None, "no step ran")
         if s.start_step == 0 and cfg.train.val_before_train:
             final = self.validate()
             if final:
@@ -178,19 +188,30 @@ class RLTrainer:
                 metrics.update(self.validate())
             if step % cfg.train.log_every == 0 or step == last:
                 s.logger.log(metrics, step=step)
-            if s.checkpointer.should_save(step, last):
-                s.checkpointer.save(step, {"stream": s.stream.state_dict(),
-                                           "total_generated_tokens": self.total_generated_tokens})  # fmt: skip
             final = metrics
+            # SIGTERM/SIGINT: stop after this step (all ranks agree), with a checkpoint of it.
+            stopping = life.should_stop()
+            save_now = stopping and cfg.checkpoint.enable and cfg.checkpoint.save_on_signal
+            saved = None
+            if s.checkpointer.should_save(step, last) or save_now:
+                saved = s.checkpointer.save(step, {"stream": s.stream.state_dict(),
+                                                   "total_generated_tokens": self.total_generated_tokens})  # fmt: skip
+            if stopping:
+                if step % cfg.train.log_every and step != last:
+                    s.logger.log(metrics, step=step)  # the last step's metrics are never lost
+                s.checkpointer.wait()  # an async save completes before the exit
+                why = "checkpoint.enable = false" if not cfg.checkpoint.enable else "checkpoint.save_on_signal = false"
+                raise life.stopped(step, saved, why)
         return final
 
     def close(self) -> None:
         self.s.close()
 
 
-def run(cfg: Config) -> dict[str, float]:
-    """Train with an already resolved config; returns the last step's metrics."""
-    trainer = RLTrainer(cfg, build_stages(cfg))
+def run(cfg: Config, life: Lifecycle | None = None) -> dict[str, float]:
+    """Train with an already resolved config; returns the last step's metrics. With an entered
+    `Lifecycle`, SIGTERM/SIGINT stop the run after a step and raise `RunStopped`."""
+    trainer = RLTrainer(cfg, build_stages(cfg), life)
     try:
         return trainer.fit()
     finally:
@@ -203,5 +224,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.captureWarnings(True)
-    run(cfg.resolved())
+    with Lifecycle() as life:  # signal handlers for the run; leftover child processes stopped at the end
+        run(cfg.resolved(), life)
     return 0

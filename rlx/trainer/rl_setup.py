@@ -21,12 +21,11 @@ from rlx import distributed
 from rlx.checkpoint import Checkpointer, is_complete
 from rlx.algorithms.logprobs import resolve_logprob_backend
 from rlx.config import Config, save_resolved
-from rlx.data import build_train_data, build_val_data
+from rlx.data import make_stream
 from rlx.generator import build_generator
 from rlx.metrics import MetricLogger
-from rlx.models import load_tokenizer
-from rlx.models.tokenizer import apply_chat_template
 from rlx.parallel import ParallelDims, build_parallel_model
+from rlx.preflight import check_run_inputs
 from rlx.reward import build_reward
 from rlx.sampler import SamplerContext, build_sampler
 from rlx.trainer.loss_stage import AdvantageFn, LossStage, build_advantage, build_loss
@@ -84,6 +83,11 @@ class TimedScorer:
 
     def metrics(self) -> dict[str, float]:
         return self.inner.metrics()
+
+    def end_step(self, failures: float, num_scored: float) -> dict[str, float]:
+        """The reward failure guard's step boundary (fakes without a guard: nothing)."""
+        end_step = getattr(self.inner, "end_step", None)
+        return end_step(failures, num_scored) if end_step is not None else {}
 
     def close(self) -> None:
         self.inner.close()
@@ -152,6 +156,9 @@ def _weights_source(cfg: Config) -> tuple[str, str | None]:
 def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) -> Stages:
     """Every stage of a run from the resolved config, each from its own section. `engine` and
     `reward_scorer` replace the vLLM engine and the reward pool (tests pass scripted fakes)."""
+    # Everything that needs no model first: a bad path, file, record, reward or sampler fails in
+    # seconds, before the process group, the policy and the engine are built.
+    inputs = check_run_inputs(cfg)
     device = distributed.init_distributed(cfg.parallel.backend)
     rank, world = distributed.rank(), distributed.world_size()
     dims = ParallelDims.from_config(cfg.parallel, world)
@@ -175,21 +182,15 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
     scheduler = build_lr_scheduler(optimizer, cfg.optim, total_steps=cfg.train.steps)
     rng = make_generator(cfg.job.seed)
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path)
+    tokenizer = inputs.tokenizer
     if engine is None:
         engine = build_generator(cfg.generator, hf_dir, max_prompt_length=cfg.data.max_prompt_length)
     counting = CountingGenerator(engine)
     reward = TimedScorer(reward_scorer if reward_scorer is not None else build_reward(cfg.reward, tokenizer))
 
-    def encode(prompt):
-        if cfg.model.use_chat_template:
-            return apply_chat_template(tokenizer, prompt)
-        return tokenizer.encode(prompt) if isinstance(prompt, str) else apply_chat_template(tokenizer, prompt)
-
     layout = engine.layout
-    _, stream = build_train_data(cfg.data, encode, dp_rank=layout.dp_index, dp_size=layout.dp_size,
-                                 seed=cfg.job.seed, decode=tokenizer.decode)  # fmt: skip
-    val_prompts = build_val_data(cfg.data, encode, decode=tokenizer.decode)
+    stream = make_stream(inputs.train, cfg.data, dp_rank=layout.dp_index, dp_size=layout.dp_size, seed=cfg.job.seed)
+    val_prompts = inputs.val
     per_rank = lambda n: n // layout.dp_size  # noqa: E731
     sampler = build_sampler(cfg.sampler, n=cfg.generator.n, temperature=cfg.generator.temperature,
                             train_batch_size=per_rank(cfg.data.train_batch_size),
