@@ -81,9 +81,17 @@ class FilteredSampler(Sampler):
         kept: list[list[Rollout]] = []
         num_kept = num_dropped = 0.0
         num_gen_batches = 0
+        seen: set = set()
         while True:
             num_gen_batches += 1
             groups = generate_groups(ctx, prompts, [self.n] * len(prompts), self.temperature)
+            # A prompt drawn again within the step (the data stream crossed an epoch end between two
+            # generation batches) is a new group: with the prompt's uid alone, the two would merge.
+            for g in groups:
+                if g[0].group_id in seen:
+                    for r in g:
+                        r.group_id = (r.group_id, num_gen_batches)
+                seen.add(g[0].group_id)
             score_rollouts(ctx, [r for g in groups for r in g])
             passed = [g for g in groups if has_variance(g, self.metric)]
             kept.extend(passed)

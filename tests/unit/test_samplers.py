@@ -271,6 +271,20 @@ def test_filtered_unlimited_cap_keeps_going_while_data_allow(cap, ok):
     assert metrics["train/num_gen_batches"] == 15 and list(groups_of(batch)) == [56, 57]
 
 
+def test_filtered_a_prompt_drawn_twice_in_a_step_makes_two_groups():
+    # The stream hands the same prompts again (an epoch end between two generation batches). Prompt 0
+    # varies in both draws, prompt 1 only in the second: the kept groups are prompt 0's two draws.
+    def script(req, k):
+        return [CORRECT] if (uid_of(req), k) in {(0, 1), (0, 2), (1, 2)} else [WRONG]
+
+    sampler = build_sampler(sampler_cfg("filtered"), n=2, temperature=1.0, train_batch_size=2, gen_batch_size=2)
+    ctx = SamplerContext(ScriptedGenerator(script), FakeReward(), next_prompts=lambda k: make_prompts(k))
+    batch, metrics = sampler.sample(make_prompts(2), ctx)
+    groups = groups_of(batch)
+    assert metrics["train/num_gen_batches"] == 2
+    assert set(groups) == {0, (0, 2)} and all(len(g) == 2 for g in groups.values())  # not one group of 4
+
+
 def test_filtered_two_ranks_agree_through_all_reduce():
     # Rank 0 fills its share at once; rank 1 only in its 3rd batch. Both run 3 rounds, each
     # returns exactly its share, and the global counts agree.
