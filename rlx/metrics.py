@@ -10,7 +10,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from rlx.errors import UserError
@@ -23,42 +22,6 @@ _CONSOLE_KEYS = (
     ("val_acc", "val/acc", "{:.3f}"),
     ("len", "response/length_mean", "{:.0f}"),
 )
-
-
-def reduce_metrics(metrics: Iterable[dict[str, float]]) -> dict[str, float]:
-    """Mean of each key over the dicts that have it (micro-batches, sampler iterations, ...)."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for m in metrics:
-        for key, value in m.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-            counts[key] = counts.get(key, 0) + 1
-    return {key: sums[key] / counts[key] for key in sums}
-
-
-def all_reduce_metrics(metrics: dict[str, float], group=None) -> dict[str, float]:
-    """Mean of each key over the ranks that have it; a no-op outside torch.distributed.
-
-    Ranks may report different keys (the key union is gathered first). Collective: every rank of
-    `group` must call it.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return dict(metrics)
-    key_lists: list[list[str] | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(key_lists, sorted(metrics), group=group)
-    keys = sorted(set().union(*key_lists))
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    sums_counts = torch.zeros(2, len(keys), dtype=torch.float64, device=device)
-    for j, key in enumerate(keys):
-        if key in metrics:
-            sums_counts[0, j] = float(metrics[key])
-            sums_counts[1, j] = 1.0
-    dist.all_reduce(sums_counts, op=dist.ReduceOp.SUM, group=group)
-    sums, counts = sums_counts.cpu().tolist()
-    return {key: s / c for key, s, c in zip(keys, sums, counts)}
 
 
 _DROP = object()

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlx.metrics import MetricLogger, all_reduce_metrics, reduce_metrics
+from rlx.metrics import MetricLogger
 from rlx.plot import main as plot_main
 from rlx.plot import read_metrics, with_total_tokens
 
@@ -20,12 +20,6 @@ def logging_cfg(**overrides):
     cfg = dict(console=False, progress_bar=False, jsonl=True, wandb=False, wandb_project="rlx-test",
                wandb_mode="offline", tensorboard=False)
     return SimpleNamespace(**{**cfg, **overrides})
-
-
-def test_reduce_metrics_means_over_dicts_that_have_the_key():
-    assert reduce_metrics([{"a": 1.0, "b": 2}, {"a": 3.0}]) == {"a": 2.0, "b": 2.0}
-    assert reduce_metrics([]) == {}
-    assert all_reduce_metrics({"a": 1.0}) == {"a": 1.0}  # not distributed: unchanged
 
 
 def test_jsonl_has_one_object_per_step_with_nan_as_null(tmp_path):
