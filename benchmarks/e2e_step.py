@@ -259,6 +259,7 @@ def main() -> None:
     p.add_argument("--rlx-set", action="append", default=[],
                    help="section.key=JSON set on rlx's resolved config (A/B experiments, fields not in the config yet)")
     p.add_argument("--rlx-src", default="", help="run the rlx package found here (a checkout) instead of the installed one")
+    p.add_argument("--peer-env", action="append", default=[], help="KEY=VALUE for the peer's worker")
     p.add_argument("--workdir", default="", help="model, prompts and runs (default: a temporary directory)")
     p.add_argument("--worker", choices=["rlx", "trl", "matmul"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -279,6 +280,7 @@ def main() -> None:
     if args.peer == "trl":
         frameworks["trl"] = str(ensure_peer_venv())
     rlx_env = dict(kv.split("=", 1) for kv in args.env)
+    peer_env = dict(kv.split("=", 1) for kv in args.peer_env)
     if args.rlx_src:
         rlx_env["PYTHONPATH"] = os.pathsep.join([str(Path(args.rlx_src).resolve()), str(HERE)])
 
@@ -294,7 +296,7 @@ def main() -> None:
             for k in loads:
                 stop = with_background_load(k) if k else None
                 try:
-                    out = run_worker(frameworks[name], name, work, args, rlx_env if name == "rlx" else {})
+                    out = run_worker(frameworks[name], name, work, args, rlx_env if name == "rlx" else peer_env)
                 finally:
                     if stop:
                         stop()
@@ -316,8 +318,8 @@ def main() -> None:
     if "trl" in frameworks:
         result["rlx_over_trl"] = round(result["rlx"]["s_per_step"] / result["trl"]["s_per_step"], 3)
     result["load_avg_end"] = float(uptime())
-    if rlx_env or args.rlx_set:
-        result["rlx_env"], result["rlx_set"] = rlx_env, args.rlx_set
+    if rlx_env or args.rlx_set or peer_env:
+        result["rlx_env"], result["rlx_set"], result["peer_env"] = rlx_env, args.rlx_set, peer_env
     print(json.dumps(result), flush=True)
 
 

@@ -83,8 +83,7 @@ class VLLMGenerator:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kwargs = self._engine_kwargs(model_path)
         logger.info("generator: building vLLM engine %s", kwargs)
-        self._threads = TorchThreads(getattr(cfg, "generate_threads", 0) or None)
-        with self._threads.building(), self._rng.engine():
+        with TorchThreads().building(), self._rng.engine():
             self.llm = vllm.LLM(**kwargs)
         self.engine_dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
         hf_config = self.llm.llm_engine.model_config.hf_config
@@ -172,7 +171,7 @@ class VLLMGenerator:
         prompts = [{"prompt_token_ids": list(requests[i].prompt_ids)} for i in keep]
         params = [self._sampling_params(requests[i], validation) for i in keep]
         start = time.perf_counter()
-        with self._threads.generating(), self._rng.engine():
+        with self._rng.engine():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
 

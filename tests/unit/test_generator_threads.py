@@ -18,14 +18,3 @@ def test_building_restores_set_num_threads_and_the_count():
     finally:
         torch.set_num_threads = real
         torch.set_num_threads(before)
-
-
-def test_generating_uses_its_own_count_and_restores_the_trainers():
-    before = torch.get_num_threads()
-    threads = TorchThreads(generate_threads=1)
-    try:
-        with threads.generating():
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == before
-    finally:
-        torch.set_num_threads(before)
