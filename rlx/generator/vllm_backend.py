@@ -106,18 +106,23 @@ class VLLMGenerator:
         )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             kwargs["distributed_executor_backend"] = "external_launcher"
+        # Scheduler limits. vLLM's CPU defaults (256 sequences, 4096 tokens per engine step) split one
+        # RL step's rollouts (prompts x n, often 512+) into waves that each pay the per-step Python
+        # overhead again; on CPU, 0 (unset) means room for a whole step, on GPU vLLM's defaults.
+        max_num_seqs = getattr(cfg, "max_num_seqs", 0) or (0 if self.on_gpu else CPU_MAX_NUM_SEQS)
+        max_num_batched_tokens = getattr(cfg, "max_num_batched_tokens", 0) or (
+            0 if self.on_gpu else max(CPU_MAX_NUM_BATCHED_TOKENS, self.max_model_len)
+        )
+        if max_num_seqs:
+            kwargs["max_num_seqs"] = max_num_seqs
+        if max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = max_num_batched_tokens
         if self.on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = cfg.enable_sleep_mode
         else:
             # Never pass enable_sleep_mode on CPU: vLLM raises "not supported on current platform".
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_space_gib * GiB)
-            # vLLM's CPU defaults (256 sequences, 4096 tokens per step) split one RL step's rollouts
-            # (prompts x n, often 512+) into waves, each paying the per-step Python overhead again.
-            kwargs["max_num_seqs"] = getattr(cfg, "max_num_seqs", 0) or CPU_MAX_NUM_SEQS
-            kwargs["max_num_batched_tokens"] = getattr(cfg, "max_num_batched_tokens", 0) or max(
-                CPU_MAX_NUM_BATCHED_TOKENS, self.max_model_len
-            )
             if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 logger.warning(
                     "VLLM_CPU_KVCACHE_SPACE=%s overrides generator.kv_cache_space_gib=%s",
