@@ -7,7 +7,12 @@ run by run) and `rlx_over_trl`; with `--shape large` the FLOP floor at the matmu
 in the same run; with `--background-load K` the slowdown beside K busy-looping processes.
 
     python benchmarks/e2e_step.py [--shape default|large] [--dtype fp32|bf16] [--peer trl]
-                                  [--background-load 1] [--rounds 1]
+                                  [--background-load 1] [--rounds 1] [--measured N]
+
+A/B experiments: `--env KEY=VALUE` (rlx worker's environment), `--peer-env KEY=VALUE`,
+`--rlx-set section.key=JSON` (set on rlx's resolved config), `--rlx-src DIR` (another checkout's
+rlx package). The machine is shared: every run records the load average before and after, raw
+per-step rows go to <workdir>/runs.jsonl, and only ratios from one invocation are comparable.
 
 TRL runs in its own virtual environment, `benchmarks/.peer-venv` (built on first use: torch
 pinned to this venv's version, trl==1.16.0), so its transformers/accelerate/datasets pins never
