@@ -125,6 +125,8 @@ class GeneratorConfig:
     """Top-k sampling. -1 means disabled."""
     max_tokens: int = ranged(256, ge=1)
     """Response token limit."""
+    min_tokens: int = ranged(0, ge=0)
+    """Responses are at least this long: EOS and stop strings are ignored before it (0: off)."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings (the tokenizer's EOS always stops)."""
     seed: int = 0
@@ -141,10 +143,18 @@ class GeneratorConfig:
     """Disable CUDA graphs (faster start, slower decode)."""
     enable_prefix_caching: bool = True
     """Reuse KV of shared prompt prefixes (the n rollouts of a prompt)."""
+    max_num_seqs: int = ranged(0, ge=0)
+    """Most sequences the engine decodes at once; 0 means 1024 on CPU (one wave per RL step), vLLM's default on GPU."""
+    max_num_batched_tokens: int = ranged(0, ge=0)
+    """Most tokens per engine step; 0 means max(8192, max_model_len) on CPU, vLLM's default on GPU."""
     val_temperature: float = ranged(0.0, ge=0.0)
     """Sampling temperature for validation; 0 means greedy."""
     val_n: int = ranged(1, ge=1)
     """Rollouts per validation prompt."""
+
+    def validate(self) -> None:
+        if self.min_tokens > self.max_tokens:
+            raise ConfigError(f"{self.min_tokens} exceeds max_tokens={self.max_tokens}", "min_tokens")
 
 
 @dataclass

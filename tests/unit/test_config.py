@@ -156,9 +156,13 @@ def test_override_value_parsing():
 
 def test_nested_overrides(tmp_path):
     path = write(tmp_path, '[sampler]\ntype = "adaptive"\n[sampler.adaptive]\nmax_n = 32\nmin_rollouts = 4\n')
-    cfg = load_config(path, ["--sampler.adaptive.max_n=64", "--sampler.filtered.metric=score"])
+    cfg = load_config(path, ["--sampler.adaptive.max_n=64"])
     assert cfg.sampler.adaptive == AdaptiveSamplerConfig(max_n=64, min_rollouts=4)
+    cfg = load_config(path, ["--sampler.type=filtered", "--sampler.adaptive={}", "--sampler.filtered.metric=score"])
     assert cfg.sampler.filtered.metric == "score"
+    # Options of a sampler that is not selected would do nothing: an error naming the selected one.
+    with pytest.raises(ConfigError, match="sampler.filtered.metric: is set, but sampler.type = 'adaptive'"):
+        load_config(path, ["--sampler.filtered.metric=score"])
     cfg = load_config(path, ["--sampler.adaptive={max_n = 8, rollouts_per_batch = 4}"])  # a whole table
     assert cfg.sampler.adaptive == AdaptiveSamplerConfig(max_n=8, rollouts_per_batch=4)  # replaces the TOML table
     with pytest.raises(ConfigError, match="exp.toml: sampler.adaptive.min_rollouts: 4 exceeds max_n=3"):
@@ -288,10 +292,14 @@ def test_resolved_fills_derived_values_once():
     res = cfg.resolved()
     assert cfg.data.gen_batch_size == 0  # the loaded config is untouched
     assert res.model.tokenizer_path == "/m" and res.model.ref_path == "/m"
-    assert res.data.gen_batch_size == 16 and res.sampler.token_adaptive.target_rollouts == 4
+    assert res.data.gen_batch_size == 16
+    assert res.sampler.token_adaptive.target_rollouts == 0  # the fixed sampler's config: its table stays untouched
     assert res.generator.max_model_len == 512 + 256 and res.generator.dtype == "float32"
+    assert res.loss.loss_scale_factor == 256.0  # none means generator.max_tokens
     assert res.checkpoint.dir == str(Path("runs") / "r" / "checkpoints")
     assert res.resolved() == res
+    token_adaptive = load_config(overrides=["generator.n=4", "sampler.type=token_adaptive"]).resolved()
+    assert token_adaptive.sampler.token_adaptive.target_rollouts == 4
 
 
 def test_every_field_documented():
