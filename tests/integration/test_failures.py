@@ -23,12 +23,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.integration.conftest import REPO, TINY_PROMPTS, train_env, write_records
+from tests.integration.conftest import TINY_PROMPTS, train_env, write_records
 
 # Train cases fail in rlx.preflight.check_run_inputs, which rl_setup.build_stages calls first. Until
 # it does, the driver runs those cases through the config loader and check_run_inputs directly.
-WIRED = "check_run_inputs" in (REPO / "rlx" / "trainer" / "rl_setup.py").read_text()
-NOT_WIRED = "rlx.preflight.check_run_inputs is not called by rl_setup.build_stages yet (issue 12 wiring)"
 
 
 # ---- processes left behind (Linux /proc) -----------------------------------------------------
@@ -72,22 +70,7 @@ DRIVER = textwrap.dedent(
     """
     import json, os, sys, time, traceback
     from rlx.cli import main
-    from rlx.errors import UserError
     from rlx.lifecycle import descendants
-
-
-    def preflight_main(argv):
-        # `rlx train` up to its input checks (before rl_setup calls check_run_inputs itself)
-        from rlx.config import parse_args
-        from rlx.preflight import check_run_inputs
-
-        try:
-            cfg, _ = parse_args(argv[1:], prog="rlx train")
-            check_run_inputs(cfg.resolved())
-        except UserError as e:
-            print(f"rlx: error: {e}", file=sys.stderr)
-            return 2
-        return 0
 
 
     cases = json.load(open(sys.argv[1]))
@@ -98,7 +81,7 @@ DRIVER = textwrap.dedent(
         err = open(case["stderr"], "w")
         os.dup2(err.fileno(), 2)
         try:
-            status = (preflight_main if case["preflight_only"] else main)(case["argv"])
+            status = main(case["argv"])
         except BaseException:
             traceback.print_exc()
             status = "raised"
@@ -215,34 +198,34 @@ def train_argv(b: SimpleNamespace, *extra: str, data: Path | None = None) -> lis
 
 # id -> (argv from the fixtures, a fragment the error line must contain, needs the preflight wiring)
 CASES = {
-    "config_unknown_key": (lambda b: train_argv(b, "--train.stepz=3"), "stepz", False),
-    "config_bad_value": (lambda b: train_argv(b, "--train.steps=many"), "steps", False),
-    "model_path_empty": (lambda b: train_argv(b, "--model.path="), "no model directory given", True),
-    "model_path_missing": (lambda b: train_argv(b, f"--model.path={b.root / 'nope'}"), "not an HF model directory", True),
-    "safetensors_truncated": (lambda b: train_argv(b, f"--model.path={b.models.truncated}"), "not a valid safetensors file", True),
-    "safetensors_garbage": (lambda b: train_argv(b, f"--model.path={b.models.garbage}"), "not a valid safetensors file", True),
-    "tokenizer_too_big": (lambda b: train_argv(b, f"--model.tokenizer_path={b.models.bpe_tokenizer}"), "do not fit its embedding", True),
-    "data_empty_prompt": (lambda b: train_argv(b, data=b.data.empty_prompt), "empty.jsonl line 4: 'prompt' is empty", True),
-    "data_non_utf8": (lambda b: train_argv(b, data=b.data.latin1), "latin1.jsonl line 2: not valid UTF-8", True),
-    "data_bad_json": (lambda b: train_argv(b, data=b.data.bad_json), "bad_json.jsonl line 2: invalid JSON", True),
-    "data_missing_key": (lambda b: train_argv(b, data=b.data.missing_key), "missing_key.jsonl line 3: no key 'prompt'", True),
-    "data_smaller_than_batch": (lambda b: train_argv(b, data=b.data.small), "data.train_batch_size=4 is larger", True),
-    "data_missing_file": (lambda b: train_argv(b, data=b.root / "nope.jsonl"), "does not exist", True),
-    "output_dir_unwritable": (lambda b: train_argv(b, f"--job.output_dir={b.blocker / 'runs'}"), "job.output_dir", True),
-    "reward_missing_module": (lambda b: train_argv(b, "--reward.fn=no_such_rlx_module:score"), "cannot import module", True),
-    "reward_syntax_error": (lambda b: train_argv(b, "--reward.fn=broken_reward:score"), "broken_reward.py:2", True),
-    "sampler_bad_import": (lambda b: train_argv(b, "--sampler.type=no_such_rlx_module:Sampler"), "sampler.type", True),
-    "sampler_filtered_n1": (lambda b: train_argv(b, "--sampler.type=filtered", "--generator.n=1"), "n", True),
-    "resume_missing": (lambda b: train_argv(b, f"--checkpoint.resume={b.root / 'nope'}"), "checkpoint.resume", True),
-    "resume_bad_state": (lambda b: train_argv(b, f"--checkpoint.resume={b.ckpts.bad_state}"), "trainer_state.json is not valid JSON", True),
-    "resume_no_rng": (lambda b: train_argv(b, f"--checkpoint.resume={b.ckpts.no_rng}"), "has no rng/rank-00000.pt", True),
-    "resume_crafted_pickle": (lambda b: train_argv(b, f"--checkpoint.resume={b.ckpts.crafted}"), "refusing to load 'posix.system'", True),
-    "export_bit_flip": (lambda b: ["export", str(b.ckpts.bit_flip), str(b.root / "out_a")], "changed since it was saved", False),
-    "export_truncated": (lambda b: ["export", str(b.ckpts.truncated), str(b.root / "out_b")], "truncated", False),
-    "export_crafted_pickle": (lambda b: ["export", str(b.ckpts.crafted), str(b.root / "out_c")], "refusing to load 'posix.system'", False),
-    "export_nan": (lambda b: ["export", str(b.ckpts.nan), str(b.root / "out_d")], "NaN/inf values", False),
-    "export_unwritable": (lambda b: ["export", str(b.ckpts.good), str(b.blocker / "out")], "not a writable directory", False),
-    "export_not_a_checkpoint": (lambda b: ["export", str(b.model), str(b.root / "out_e")], "no complete checkpoint", False),
+    "config_unknown_key": (lambda b: train_argv(b, "--train.stepz=3"), "stepz"),
+    "config_bad_value": (lambda b: train_argv(b, "--train.steps=many"), "steps"),
+    "model_path_empty": (lambda b: train_argv(b, "--model.path="), "no model directory given"),
+    "model_path_missing": (lambda b: train_argv(b, f"--model.path={b.root / 'nope'}"), "not an HF model directory"),
+    "safetensors_truncated": (lambda b: train_argv(b, f"--model.path={b.models.truncated}"), "not a valid safetensors file"),
+    "safetensors_garbage": (lambda b: train_argv(b, f"--model.path={b.models.garbage}"), "not a valid safetensors file"),
+    "tokenizer_too_big": (lambda b: train_argv(b, f"--model.tokenizer_path={b.models.bpe_tokenizer}"), "do not fit its embedding"),
+    "data_empty_prompt": (lambda b: train_argv(b, data=b.data.empty_prompt), "empty.jsonl line 4: 'prompt' is empty"),
+    "data_non_utf8": (lambda b: train_argv(b, data=b.data.latin1), "latin1.jsonl line 2: not valid UTF-8"),
+    "data_bad_json": (lambda b: train_argv(b, data=b.data.bad_json), "bad_json.jsonl line 2: invalid JSON"),
+    "data_missing_key": (lambda b: train_argv(b, data=b.data.missing_key), "missing_key.jsonl line 3: no key 'prompt'"),
+    "data_smaller_than_batch": (lambda b: train_argv(b, data=b.data.small), "data.train_batch_size=4 is larger"),
+    "data_missing_file": (lambda b: train_argv(b, data=b.root / "nope.jsonl"), "does not exist"),
+    "output_dir_unwritable": (lambda b: train_argv(b, f"--job.output_dir={b.blocker / 'runs'}"), "job.output_dir"),
+    "reward_missing_module": (lambda b: train_argv(b, "--reward.fn=no_such_rlx_module:score"), "cannot import module"),
+    "reward_syntax_error": (lambda b: train_argv(b, "--reward.fn=broken_reward:score"), "broken_reward.py:2"),
+    "sampler_bad_import": (lambda b: train_argv(b, "--sampler.type=no_such_rlx_module:Sampler"), "sampler.type"),
+    "sampler_filtered_n1": (lambda b: train_argv(b, "--sampler.type=filtered", "--generator.n=1"), "n"),
+    "resume_missing": (lambda b: train_argv(b, f"--checkpoint.resume={b.root / 'nope'}"), "checkpoint.resume"),
+    "resume_bad_state": (lambda b: train_argv(b, f"--checkpoint.resume={b.ckpts.bad_state}"), "trainer_state.json is not valid JSON"),
+    "resume_no_rng": (lambda b: train_argv(b, f"--checkpoint.resume={b.ckpts.no_rng}"), "has no rng/rank-00000.pt"),
+    "resume_crafted_pickle": (lambda b: train_argv(b, f"--checkpoint.resume={b.ckpts.crafted}"), "refusing to load 'posix.system'"),
+    "export_bit_flip": (lambda b: ["export", str(b.ckpts.bit_flip), str(b.root / "out_a")], "changed since it was saved"),
+    "export_truncated": (lambda b: ["export", str(b.ckpts.truncated), str(b.root / "out_b")], "truncated"),
+    "export_crafted_pickle": (lambda b: ["export", str(b.ckpts.crafted), str(b.root / "out_c")], "refusing to load 'posix.system'"),
+    "export_nan": (lambda b: ["export", str(b.ckpts.nan), str(b.root / "out_d")], "NaN/inf values"),
+    "export_unwritable": (lambda b: ["export", str(b.ckpts.good), str(b.blocker / "out")], "not a writable directory"),
+    "export_not_a_checkpoint": (lambda b: ["export", str(b.model), str(b.root / "out_e")], "no complete checkpoint"),
 }  # fmt: skip
 # Also run as real `python -m rlx.cli` subprocesses: the exit status of the process itself.
 SUBPROCESS_CASES = ("config_unknown_key", "data_empty_prompt", "export_crafted_pickle")
@@ -253,8 +236,8 @@ def matrix(bad, parity_reward_dir, tmp_path_factory) -> dict:
     """Runs every case in one driver process; id -> {status, left, stderr}."""
     work = tmp_path_factory.mktemp("matrix")
     cases = [{"id": cid, "argv": [str(a) for a in argv(bad)], "stderr": str(work / f"{cid}.err"),
-              "sys_path": [str(parity_reward_dir), str(bad.reward)], "preflight_only": wired and not WIRED}
-             for cid, (argv, _, wired) in CASES.items()]  # fmt: skip
+              "sys_path": [str(parity_reward_dir), str(bad.reward)]}
+             for cid, (argv, _) in CASES.items()]  # fmt: skip
     (work / "cases.json").write_text(json.dumps(cases))
     (work / "driver.py").write_text(DRIVER)
     proc = subprocess.run([sys.executable, str(work / "driver.py"), str(work / "cases.json"), str(work / "out.json")],
@@ -276,7 +259,7 @@ def assert_one_error_line(stderr: str, fragment: str) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2(matrix, case):
-    _, fragment, _ = CASES[case]
+    _, fragment = CASES[case]
     result = matrix[case]
     assert result["status"] == 2, result["stderr"][-3000:]
     assert_one_error_line(result["stderr"], fragment)
@@ -286,9 +269,7 @@ def test_bad_input_is_one_line_exit_2(matrix, case):
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
 def test_bad_input_as_a_real_process(bad, parity_reward_dir, case):
-    argv, fragment, wired = CASES[case]
-    if wired and not WIRED:
-        pytest.skip(NOT_WIRED)
+    argv, fragment = CASES[case]
     proc = subprocess.Popen([sys.executable, "-m", "rlx.cli", *map(str, argv(bad))], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=train_env(parity_reward_dir, bad.reward),
                             start_new_session=True)  # fmt: skip

@@ -18,15 +18,8 @@ import pytest
 from tests.integration.conftest import read_metrics, train_env
 from tests.integration.test_failures import session_processes, wait_gone
 
-from tests.integration.conftest import REPO
 
-_RL = (REPO / "rlx" / "trainer" / "rl.py").read_text()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.vllm,
-    pytest.mark.skipif("Lifecycle" not in _RL or "end_step" not in _RL,
-                       reason="rlx.lifecycle.Lifecycle / the reward guard are not wired into rlx/trainer/rl.py yet (issue 12)"),
-]  # fmt: skip
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 FAILING_REWARD = '''\
 """Test reward that always fails."""
