@@ -107,10 +107,10 @@ class DataConfig:
 
 @dataclass
 class GeneratorConfig:
-    """The colocated rollout engine (vLLM) and its sampling parameters."""
+    """The colocated rollout engine (vLLM or torch) and its sampling parameters."""
 
-    backend: Literal["vllm"] = "vllm"
-    """Generation engine."""
+    backend: Literal["vllm", "torch"] = "vllm"
+    """Generation engine: vllm (large models, GPU serving kernels, prefix cache) or torch (rlx's own model code with a static KV cache, no engine overhead: faster for CPU and small-model runs; tp = 1 only)."""
     tp: int = ranged(1, ge=1)
     """Generator tensor-parallel degree, independent of parallel.tp."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -134,19 +134,19 @@ class GeneratorConfig:
     max_model_len: int = ranged(0, ge=0)
     """Engine context length; 0 means data.max_prompt_length + max_tokens."""
     gpu_memory_utilization: float = ranged(0.5, gt=0.0, le=1.0)
-    """GPU only: fraction of GPU memory the engine may take (weights + KV cache)."""
+    """vllm on GPU only: fraction of GPU memory the engine may take (weights + KV cache)."""
     enable_sleep_mode: bool = True
-    """GPU only: release weights and KV cache while the trainer runs."""
+    """GPU only: release weights and KV cache while the trainer runs (torch backend: weights move to host memory)."""
     kv_cache_space_gib: float = ranged(1.0, gt=0.0)
-    """CPU only: KV cache size in GiB."""
+    """vllm on CPU only: KV cache size in GiB (the torch backend allocates what each call needs)."""
     enforce_eager: bool = True
-    """Disable CUDA graphs (faster start, slower decode)."""
+    """vllm only: disable CUDA graphs (faster start, slower decode)."""
     enable_prefix_caching: bool = True
-    """Reuse KV of shared prompt prefixes (the n rollouts of a prompt)."""
+    """vllm only: reuse KV of shared prompt prefixes (the torch backend always prefills a prompt once for its n rollouts)."""
     max_num_seqs: int = ranged(0, ge=0)
-    """Most sequences the engine decodes at once; 0 means 1024 on CPU (one wave per RL step), vLLM's default on GPU."""
+    """Most sequences the engine decodes at once; 0 means 1024 on CPU (one wave per RL step), vLLM's default on GPU; torch backend: 0 means all of a call."""
     max_num_batched_tokens: int = ranged(0, ge=0)
-    """Most tokens per engine step; 0 means max(8192, max_model_len) on CPU, vLLM's default on GPU."""
+    """vllm only: most tokens per engine step; 0 means max(8192, max_model_len) on CPU, vLLM's default on GPU."""
     val_temperature: float = ranged(0.0, ge=0.0)
     """Sampling temperature for validation; 0 means greedy."""
     val_n: int = ranged(1, ge=1)

@@ -1,6 +1,7 @@
 """Generator stage: `build_generator(cfg.generator, ...)` returns a colocated rollout engine.
 
-The engine lives in the trainer's own processes (one per rank); see vllm_backend.py.
+The engine lives in the trainer's own processes (one per rank): vLLM (vllm_backend.py) or rlx's
+own model decoding with a static KV cache (torch_backend.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ def _build_vllm(cfg: Any, model_path: str, *, max_prompt_length: int, layout: Ge
     return VLLMGenerator(cfg, model_path, max_prompt_length=max_prompt_length, layout=layout)
 
 
-BACKENDS = {"vllm": _build_vllm}
+def _build_torch(cfg: Any, model_path: str, *, max_prompt_length: int, layout: GeneratorLayout):
+    from rlx.generator.torch_backend import TorchGenerator
+
+    return TorchGenerator(cfg, model_path, max_prompt_length=max_prompt_length, layout=layout)
+
+
+BACKENDS = {"vllm": _build_vllm, "torch": _build_torch}
 
 
 def build_generator(
