@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 HF_SUBDIR = "hf"
+CRITIC_HF_SUBDIR = "critic_hf"
 # Files of an HF model directory that describe it without weights (copied into every checkpoint).
 HF_META_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -134,19 +135,24 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 # ---- model / optimizer state -------------------------------------------------------------------
 
 
-def _model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {f"model.{k}": tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+def _model_shapes(model: nn.Module, key: str = "model") -> dict[str, tuple[int, ...]]:
+    return {f"{key}.{k}": tuple(v.shape) for k, v in get_model_state_dict(model).items()}
 
 
-def check_model_matches(path: str | os.PathLike, model: nn.Module) -> None:
+def check_model_matches(path: str | os.PathLike, model: nn.Module, key: str = "model") -> None:
     """Raise a UserError naming the tensors whose names or shapes differ between `model` and the
-    checkpoint at `path` (a checkpoint of a different model)."""
+    checkpoint at `path` under `key` ("model": the policy, "critic": the value model)."""
     meta = load_dcp_metadata(path).state_dict_metadata
-    saved = {k: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
-    expected = _model_shapes(model)
-    missing = [k[6:] for k in expected if k not in saved]
-    extra = [k[6:] for k in saved if k not in expected]
-    wrong = [f"{k[6:]} {list(saved[k])} (model has {list(v)})" for k, v in expected.items()
+    n = len(key) + 1
+    saved = {k: tuple(v.size) for k, v in meta.items() if k.startswith(f"{key}.") and hasattr(v, "size")}
+    if not saved and key == "critic":
+        raise UserError(f"checkpoint {path} has no critic (it was saved by a run without "
+                        "algorithm.adv_estimator = \"gae\"); to start a critic run from its policy, use "
+                        f"checkpoint.init_from={path} with checkpoint.resume=none")  # fmt: skip
+    expected = _model_shapes(model, key)
+    missing = [k[n:] for k in expected if k not in saved]
+    extra = [k[n:] for k in saved if k not in expected]
+    wrong = [f"{k[n:]} {list(saved[k])} (model has {list(v)})" for k, v in expected.items()
              if k in saved and saved[k] != v]  # fmt: skip
     problems = []
     for label, items in (("missing from the checkpoint", missing), ("not in the model", extra),
@@ -155,7 +161,8 @@ def check_model_matches(path: str | os.PathLike, model: nn.Module) -> None:
             more = f", ... ({len(items) - _MAX_NAMES} more)" if len(items) > _MAX_NAMES else ""
             problems.append(f"{len(items)} {label}: {', '.join(items[:_MAX_NAMES])}{more}")
     if problems:
-        raise UserError(f"checkpoint {path} is from a different model: " + "; ".join(problems))
+        what = "model" if key == "model" else "value model"
+        raise UserError(f"checkpoint {path} is from a different {what}: " + "; ".join(problems))
 
 
 def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
@@ -209,12 +216,15 @@ def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class Checkpointer:
-    """Saves and restores the trainer: model, optimizer, LR scheduler, RNGs, step, data position.
+    """Saves and restores the trainer: model, optimizer, LR scheduler, RNGs, step, data position, and
+    the critic (value model, its optimizer and LR scheduler) when there is one.
 
     `cfg` is a `CheckpointConfig`-like object (enable, interval, keep_last, async_save, dir,
     resume). `hf_dir` is the model's HF directory; its config and tokenizer files are copied into
-    every checkpoint so that `rlx export` needs nothing else. Collective: every rank calls every
-    method in the same order."""
+    every checkpoint so that `rlx export` needs nothing else (the critic's config.json goes to
+    `critic_hf/`, for `rlx export --critic`). `critic` is (value model, optimizer, scheduler), saved
+    under the DCP keys "critic" and "critic_optim". Collective: every rank calls every method in the
+    same order."""
 
     def __init__(
         self,
@@ -226,6 +236,7 @@ class Checkpointer:
         generator: torch.Generator | None = None,
         hf_dir: str | os.PathLike | None = None,
         run_dir: str | os.PathLike | None = None,
+        critic: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None,
     ):
         if not cfg.dir and run_dir is None:
             raise ValueError("Checkpointer needs cfg.dir or run_dir")
@@ -233,6 +244,7 @@ class Checkpointer:
         self.dir = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
         self.model, self.optimizer, self.scheduler, self.generator = model, optimizer, scheduler, generator
         self.hf_dir = Path(hf_dir) if hf_dir else None
+        self.critic = critic
         self._pending: tuple[Future, Path, Path] | None = None
         # Async saves coordinate in a background thread: give them their own gloo group so they
         # never interleave with the training step's collectives.
@@ -253,9 +265,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
             tmp.mkdir(parents=True)
         distributed.barrier()
-        state = {"model": get_model_state_dict(self.model)}
-        if self.optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
+        state = self._state()
         self._save_small_files(tmp, step, data_state or {})
         if self.cfg.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group, no_dist=_no_dist())
@@ -288,6 +298,13 @@ class Checkpointer:
             return
         sched = self.scheduler.state_dict() if self.scheduler is not None else None
         trainer_state = {"step": step, "data": data_state, "scheduler": sched, "world_size": distributed.world_size()}
+        if self.critic is not None:
+            trainer_state["critic_scheduler"] = self.critic[2].state_dict()
+            from rlx.models.value import value_hf_config
+
+            (tmp / CRITIC_HF_SUBDIR).mkdir(exist_ok=True)
+            config = value_hf_config(self.critic[0].args, str(next(self.critic[0].parameters()).dtype).removeprefix("torch."))
+            (tmp / CRITIC_HF_SUBDIR / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         try:
             text = json.dumps(trainer_state, indent=2)
         except TypeError as e:
@@ -381,6 +398,8 @@ class Checkpointer:
             trainer_state = read_trainer_state(path)
             rng = _read_rng(path)
             check_model_matches(path, self.model)
+            if self.critic is not None:
+                check_model_matches(path, self.critic[0], "critic")
         except CheckpointError as e:
             problem = str(e)
         except UserError as e:  # another model: not a damaged checkpoint, but no use either
@@ -388,22 +407,31 @@ class Checkpointer:
         problem = agree(problem)
         if problem:
             raise CheckpointError(problem)
-        state = {"model": get_model_state_dict(self.model)}
-        if self.optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
+        state = self._state()
         safe_dcp_load(state, path, no_dist=_no_dist())
         check_finite(state, path)
         set_model_state_dict(self.model, state["model"])
         if self.optimizer is not None:
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"], options=_OPTIM_OPTIONS)
-        if self.scheduler is not None and trainer_state.get("scheduler"):
-            # base_lrs/_last_lr are per param group, and the grouping may differ at another mesh;
-            # the optimizer state already restored each group's current lr.
-            sched = {k: v for k, v in trainer_state["scheduler"].items() if k not in ("base_lrs", "_last_lr")}
-            self.scheduler.load_state_dict(sched)
-            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        _load_scheduler(self.scheduler, self.optimizer, trainer_state.get("scheduler"))
+        if self.critic is not None:
+            critic, critic_optim, critic_sched = self.critic
+            set_model_state_dict(critic, state["critic"])
+            set_optimizer_state_dict(critic, critic_optim, state["critic_optim"], options=_OPTIM_OPTIONS)
+            _load_scheduler(critic_sched, critic_optim, trainer_state.get("critic_scheduler"))
         self._set_rng(rng)
         return TrainState(step=trainer_state["step"], data=trainer_state.get("data", {}), path=path)
+
+    def _state(self) -> dict[str, Any]:
+        """The DCP state of everything saved (sharded tensors; DCP reshards on load)."""
+        state = {"model": get_model_state_dict(self.model)}
+        if self.optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
+        if self.critic is not None:
+            critic, critic_optim, _ = self.critic
+            state["critic"] = get_model_state_dict(critic)
+            state["critic_optim"] = get_optimizer_state_dict(critic, critic_optim, options=_OPTIM_OPTIONS)
+        return state
 
     def _set_rng(self, rng: dict[str, Any]) -> None:
         torch.set_rng_state(rng["torch"])
@@ -411,6 +439,15 @@ class Checkpointer:
             self.generator.set_state(rng["generator"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _load_scheduler(scheduler, optimizer, saved: dict | None) -> None:
+    """Restore an LR scheduler. base_lrs/_last_lr are per param group, and the grouping may differ at
+    another mesh; the optimizer state already restored each group's current lr."""
+    if scheduler is None or not saved:
+        return
+    scheduler.load_state_dict({k: v for k, v in saved.items() if k not in ("base_lrs", "_last_lr")})
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def check_checkpoint_files(path: str | os.PathLike) -> Path:

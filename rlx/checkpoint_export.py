@@ -6,6 +6,7 @@ Both write what HF transformers and vLLM load: config.json, safetensors, the tok
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
@@ -47,32 +48,45 @@ def save_hf_from_sharded(
     return out
 
 
-def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None, *,
+                      critic: bool = False) -> Path:  # fmt: skip
     """Write the model of DCP checkpoint `ckpt` as an HF directory (config.json, safetensors,
-    tokenizer files) to `out`. Single process; the full model is materialized on CPU. The
-    checkpoint is verified (manifest, finite weights) and `out` checked writable before any work."""
+    tokenizer files) to `out`; with `critic`, the value model instead (HF `<Arch>ForTokenClassification`,
+    one label). Single process; the full model is materialized on CPU. The checkpoint is verified
+    (manifest, finite weights) and `out` checked writable before any work."""
+    from rlx.checkpoint import CRITIC_HF_SUBDIR
     from rlx.models import ModelArgs, build_model, read_hf_config, save_pretrained
+    from rlx.models.value import ValueModel, value_hf_config, value_model_args
 
     path = resolve_checkpoint(ckpt)
     hf = path / HF_SUBDIR
     if not (hf / "config.json").is_file():
         raise UserError(f"checkpoint {path} has no {HF_SUBDIR}/config.json: it was saved without the model's HF "
                         "directory (Checkpointer(hf_dir=...))")  # fmt: skip
+    config_dir = path / CRITIC_HF_SUBDIR if critic else hf
+    if critic and not (config_dir / "config.json").is_file():
+        raise UserError(f"checkpoint {path} has no critic ({CRITIC_HF_SUBDIR}/config.json): it was saved by a run "
+                        "without algorithm.adv_estimator = \"gae\"; drop --critic to export the policy")  # fmt: skip
     ensure_writable_dir(out, "the export directory")
     verify_files(path)
     try:
-        args = ModelArgs.from_hf_config(read_hf_config(hf))
+        config = read_hf_config(config_dir)
+        args = value_model_args(config) if critic else ModelArgs.from_hf_config(config)
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{hf / 'config.json'} does not describe a supported model ({type(e).__name__}: {e})") from None
-    model = build_model(args, device="meta")
+        raise UserError(f"{config_dir / 'config.json'} does not describe a supported model ({type(e).__name__}: {e})") from None
+    key = "critic" if critic else "model"
+    model = ValueModel(args, device="meta") if critic else build_model(args, device="meta")
     model.to_empty(device="cpu")
-    check_model_matches(path, model)
-    state = {"model": model.state_dict()}
+    check_model_matches(path, model, key)
+    state = {key: model.state_dict()}
     safe_dcp_load(state, path, no_dist=True)
     check_finite(state, path)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state[key])
     try:
         out = save_pretrained(model, out, dtype=dtype)
+        if critic:  # save_pretrained wrote the causal LM's config
+            saved_dtype = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+            (Path(out) / "config.json").write_text(json.dumps(value_hf_config(args, saved_dtype), indent=2) + "\n")
         _copy_hf_meta(hf, out)
     except OSError as e:
         raise UserError(f"could not write the export to {out} ({e.strerror or e}): check free space and permissions") from None
@@ -86,10 +100,12 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("ckpt", help="a checkpoint step-N directory, or a directory of them (the latest complete one)")
     p.add_argument("out", help="output HF directory")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="saved dtype (default: as trained)")
+    p.add_argument("--critic", action="store_true",
+                   help="export the value model (PPO with a critic) as <Arch>ForTokenClassification instead of the policy")
     try:
         a = p.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    out = export_checkpoint(a.ckpt, a.out, getattr(torch, a.dtype) if a.dtype else None)
+    out = export_checkpoint(a.ckpt, a.out, getattr(torch, a.dtype) if a.dtype else None, critic=a.critic)
     print(f"rlx export: wrote {out}")
     return 0

@@ -16,8 +16,8 @@ from rlx.config.sections import (
     DataConfig, GeneratorConfig, JobConfig, ModelConfig, ParallelConfig, RewardConfig, SamplerConfig,
 )  # fmt: skip
 from rlx.config.train_sections import (
-    AlgorithmConfig, CheckpointConfig, LoggingConfig, LossConfig, OptimConfig, RolloutCorrectionConfig,
-    SFTConfig, TrainConfig, warn_cross_section,
+    AlgorithmConfig, CheckpointConfig, CriticConfig, LoggingConfig, LossConfig, OptimConfig,
+    RolloutCorrectionConfig, SFTConfig, TrainConfig, check_critic, warn_cross_section,
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class Config:
     """Policy loss."""
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     """Off-policy correction."""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """Value model (adv_estimator = gae)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -86,7 +88,11 @@ class Config:
                     section.validate()
                 except ConfigError as e:
                     raise ConfigError(e.message, f"{name}.{e.key}" if e.key else name) from None
+        check_critic(self.algorithm, self.critic)
         warn_cross_section(self.loss, self.rollout_correction)
+        if self.algorithm.use_kl_in_reward and self.loss.kl_coef > 0:
+            logger.warning("algorithm.use_kl_in_reward = true and loss.kl_coef > 0: the KL to the reference is "
+                           "both in the reward and in the loss")  # fmt: skip
 
     def resolved(self) -> Config:
         """A copy with every "0 / empty / auto means X" field replaced by X, each substitution logged.
@@ -118,6 +124,14 @@ class Config:
                    "sampler.token_adaptive")  # fmt: skip
         derive(out.loss, "loss_scale_factor", None, float(out.generator.max_tokens),
                "none means generator.max_tokens", "loss")  # fmt: skip
+        if out.algorithm.adv_estimator == "gae":  # (no critic: its table stays untouched)
+            derive(out.critic, "path", "", start, "empty means the initial policy", "critic")
+            derive(out.critic, "ppo_epochs", 0, out.loss.ppo_epochs, "0 means loss.ppo_epochs", "critic")
+            derive(out.critic, "mini_batch_size", None, out.loss.mini_batch_size, "none means loss.mini_batch_size",
+                   "critic")  # fmt: skip
+            derive(out.critic, "micro_batch_tokens", 0, out.loss.micro_batch_tokens,
+                   "0 means loss.micro_batch_tokens", "critic")  # fmt: skip
+            derive(out.critic, "loss_agg_mode", "", out.loss.agg_mode, "empty means loss.agg_mode", "critic")
         derive(out.checkpoint, "dir", "", str(self.run_dir / "checkpoints"), "empty means <run dir>/checkpoints",
                "checkpoint")  # fmt: skip
         for key, value, why in derived:

@@ -11,15 +11,47 @@ from typing import Literal
 from rlx.config.fields import ConfigError, ranged
 
 @dataclass
-class AlgorithmConfig:
-    """Advantage estimation."""
+class KLControlConfig:
+    """The coefficient of the KL penalty in the reward (algorithm.use_kl_in_reward)."""
 
-    adv_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
-    """Advantage estimator. dr_grpo is grpo without the std normalization."""
+    type: Literal["fixed", "adaptive"] = "fixed"
+    """fixed: beta = kl_coef forever; adaptive: beta *= 1 + clip(kl / target_kl - 1, -0.2, 0.2) * B / horizon per step."""
+    kl_coef: float = ranged(0.001, ge=0.0)
+    """The (initial) beta: token reward = score - beta * KL."""
+    target_kl: float = ranged(0.1, gt=0.0)
+    """adaptive: the KL the controller steers towards."""
+    horizon: float = ranged(10000.0, gt=0.0)
+    """adaptive: responses over which beta moves by the clipped proportional error."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """Advantage estimation, and the KL penalty in the reward."""
+
+    adv_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"] = "grpo"
+    """Advantage estimator. dr_grpo is grpo without the std normalization; gae trains a critic ([critic])."""
     norm_adv_by_std: bool = True
     """grpo: divide group-centred rewards by the group std."""
     gamma: float = ranged(1.0, ge=0.0, le=1.0)
-    """Discount for reinforce_pp returns."""
+    """Discount for reinforce_pp returns and for gae."""
+    lam: float = ranged(1.0, ge=0.0, le=1.0)
+    """gae: the lambda of generalized advantage estimation (1 = Monte-Carlo returns minus the values)."""
+    use_kl_in_reward: bool = False
+    """Subtract beta * KL(policy || reference) from every response token's reward (needs the reference model)."""
+    kl_penalty: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"] = "kl"
+    """use_kl_in_reward: the per-token KL estimator of the penalty."""
+    kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
+    """use_kl_in_reward: the penalty's coefficient (fixed or adaptive)."""
+
+    def validate(self) -> None:
+        changed = [f for f in ("type", "kl_coef", "target_kl", "horizon")
+                   if getattr(self.kl_ctrl, f) != getattr(KLControlConfig(), f)]  # fmt: skip
+        if changed and not self.use_kl_in_reward:
+            raise ConfigError("is set, but algorithm.use_kl_in_reward = false: the KL controller does nothing. "
+                              "Set use_kl_in_reward = true or remove [algorithm.kl_ctrl]", f"kl_ctrl.{changed[0]}")
+        if self.kl_penalty != "kl" and not self.use_kl_in_reward:
+            raise ConfigError("is set, but algorithm.use_kl_in_reward = false (the KL loss term's estimator is "
+                              "loss.kl_estimator)", "kl_penalty")
 
 
 @dataclass
@@ -140,6 +172,33 @@ class OptimConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model of PPO with a critic (algorithm.adv_estimator = "gae"); unused otherwise.
+
+    Built like the policy (the same [parallel] mesh, AC and compile) from the policy's architecture
+    with a scalar head in place of lm_head, trained by the same micro-batch loop on verl's clipped
+    value loss, saved in the policy's checkpoints (`rlx export --critic` writes it as an HF directory)."""
+
+    path: str = ""
+    """HF directory of the value model: an `rlx export --critic` output, or a causal LM of the policy's family (its lm_head is dropped, a scalar head initialized); empty means the initial policy."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    """The critic's own AdamW and LR schedule (verl's critic default lr 1e-5)."""
+    ppo_epochs: int = ranged(0, ge=0)
+    """Passes over each rollout batch; 0 means loss.ppo_epochs."""
+    mini_batch_size: int | None = ranged(None, ge=0)
+    """Rollout groups per critic optimizer step (0 = the whole batch); none means loss.mini_batch_size."""
+    micro_batch_tokens: int = ranged(0, ge=0)
+    """Packed tokens per forward/backward micro-batch on each rank; 0 means loss.micro_batch_tokens."""
+    cliprange_value: float = ranged(0.5, ge=0.0)
+    """Value clipping: predictions more than this away from the pre-update values get no gradient further out."""
+    loss_agg_mode: Literal["", "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                           "seq-mean-token-sum-norm"] = ""  # fmt: skip
+    """How per-token value losses reduce to a scalar; empty means loss.agg_mode."""
+    warmup: int = ranged(0, ge=0)
+    """critic_warmup (verl's trainer.critic_warmup): the policy first updates at step `warmup`; before it only the critic trains."""
+
+
+@dataclass
 class TrainConfig:
     """The RL loop."""
 
@@ -223,6 +282,19 @@ class SFTConfig:
     """Validate every N steps; 0 means never."""
     val_fraction: float = ranged(0.05, ge=0.0, lt=1.0)
     """Held-out fraction of the training records when val_files is empty."""
+
+
+def check_critic(algorithm: AlgorithmConfig, critic: CriticConfig) -> None:
+    """[critic] only means something with a critic: its options under another estimator are an error."""
+    if algorithm.adv_estimator == "gae":
+        return
+    default = CriticConfig()
+    changed = [f for f in ("path", "ppo_epochs", "mini_batch_size", "micro_batch_tokens", "cliprange_value",
+                           "loss_agg_mode", "warmup") if getattr(critic, f) != getattr(default, f)]  # fmt: skip
+    changed += [f"optim.{f}" for f in vars(default.optim) if getattr(critic.optim, f) != getattr(default.optim, f)]
+    if changed:
+        raise ConfigError(f"is set, but algorithm.adv_estimator = {algorithm.adv_estimator!r} trains no critic. "
+                          "Set adv_estimator = \"gae\" or remove [critic]", f"critic.{changed[0]}")
 
 
 def warn_cross_section(loss: LossConfig, correction: RolloutCorrectionConfig) -> None:

@@ -60,19 +60,17 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
     - lm_head: ColwiseParallel with Replicate output: each rank computes its vocabulary slice of the
       logits, then they are all-gathered, so losses see the full [B, T, V] logits. Hidden states
       (return_hidden=True) are replicated already.
+    - A value model's `score` head ([1, H]) is not parallelized: it reads the replicated hidden states, so
+      every TP rank holds the same weight and computes the same values and gradient.
     - RMSNorms outside attention act on replicated activations, so their weights stay plain tensors
       with identical gradients on every TP rank (no sequence parallelism).
     Tied embeddings: both plans shard the one matrix on dim 0 (vocab), so after parallelizing the
     shared Parameter is re-tied.
     """
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-            "lm_head": ColwiseParallel(output_layouts=Replicate()),
-        },
-    )
+    root_plan: dict[str, Any] = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+    if isinstance(getattr(model, "lm_head", None), nn.Linear):  # (a ValueModel's [1, H] head stays replicated)
+        root_plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    parallelize_module(model, tp_mesh, root_plan)
     if model.args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     layer_plan: dict[str, Any] = {
@@ -180,15 +178,22 @@ def build_parallel_model(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     reference: bool = False,
+    value_head_seed: int | None = None,
 ) -> Transformer:
     """The model of HF directory `path`, parallelized over `dims` (mesh already built) and loaded.
 
     `cfg` is a `ParallelConfig`-like object (activation_checkpoint, ac_every, compile,
     reshard_after_forward, param_dtype, reduce_dtype). `dtype` is the master-weight dtype.
-    reference=True builds the frozen reference model: same sharding, no grad, eval mode, no AC."""
-    args = ModelArgs.from_hf_config(read_hf_config(path))
+    reference=True builds the frozen reference model: same sharding, no grad, eval mode, no AC.
+    value_head_seed builds a `ValueModel` (the critic) instead, its head initialized from that seed
+    when `path` has none (rlx.models.value)."""
+    from rlx.models.value import ValueModel, load_value_weights, value_model_args
+
+    critic = value_head_seed is not None
+    config = read_hf_config(path)
+    args = value_model_args(config) if critic else ModelArgs.from_hf_config(config)
     dims.validate_model(args)
-    model = build_model(args, device="meta", dtype=dtype)
+    model = ValueModel(args, device="meta", dtype=dtype) if critic else build_model(args, device="meta", dtype=dtype)
     if dims.tp_enabled:
         apply_tp(model, dims.get_mesh("tp"))
     if not reference:
@@ -205,7 +210,10 @@ def build_parallel_model(
             reshard_after_forward=cfg.reshard_after_forward,
         )
     model.to_empty(device=device)
-    load_hf_weights_sharded(model, path)
+    if critic:
+        load_value_weights(model, path, seed=value_head_seed)
+    else:
+        load_hf_weights_sharded(model, path)
     model.init_rope()
     if reference:
         model.requires_grad_(False)

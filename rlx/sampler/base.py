@@ -32,7 +32,7 @@ class SamplerContext:
 
     Collective calls: with several data-parallel ranks every rank runs the same sampler on its own
     prompts. Samplers use `all_reduce_sum` to agree on how many rounds to run, so that every rank
-    makes the same number of `generator.generate` and `token_stats` calls (either may be a
+    makes the same number of `generator.generate`, `token_stats` and `final_rewards` calls (each may be a
     collective: a generator with TP across ranks, an FSDP forward). A rank with nothing to do in a
     round therefore calls them with an EMPTY list; both must accept that and return `[]`.
     `reward.score` is never called with an empty list and is not assumed to be collective.
@@ -45,6 +45,10 @@ class SamplerContext:
     all_reduce_sum: Callable[[list[float]], list[float]] = _identity
     """Element-wise sum of a small vector over DP ranks, the same result on every rank.
     The identity (default) is the single-process case; the trainer passes a torch.distributed one."""
+    final_rewards: Callable[[list[Rollout]], list[float]] | None = None
+    """Each rollout's reward after the in-reward KL penalty (algorithm.use_kl_in_reward: score - beta *
+    sum of its token KLs to the reference); a forward of the policy and the reference, so collective like
+    token_stats. None without KL in the reward: the final reward is the reward."""
     next_prompts: Callable[[int], list[Prompt]] | None = None
     """`next_prompts(k)`: the next k prompts of this rank's data stream (advances the resumable
     data sampler). Only samplers that need more prompts than the first batch call it (filtered)."""

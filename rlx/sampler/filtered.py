@@ -13,11 +13,13 @@ Algorithm (`[sampler.filtered]`: metric, max_num_gen_batches; batch sizes from `
         raise at max_num_gen_batches rounds (0 = unlimited)
     return the first train_batch_size kept groups (the surplus is discarded, as in DAPO)
 
-Metric per rollout: `acc` reads `extras["acc"]` (the reward function must return it);
-`score`, `seq_reward` and `seq_final_reward` all read the rollout's scalar reward. In rlx a reward
-is one outcome score per response, so the sequence reward (verl: sum of token-level scores) IS the
-score, and `seq_final_reward` (verl: after an in-reward KL penalty) is the same number because rlx
-applies KL in the loss, never in the reward.
+Metric per rollout: `acc` reads `extras["acc"]` (the reward function must return it); `score`
+and `seq_reward` read the rollout's scalar reward (in rlx a reward is one outcome score per response,
+so the sequence reward, verl's sum of token-level scores, IS the score). `seq_final_reward` is the
+sequence reward after the in-reward KL penalty (algorithm.use_kl_in_reward): score - beta * sum of
+the response's token KLs to the reference, from `ctx.final_rewards` (a policy and a reference
+forward per generation batch, on every rank), stored in `extras["seq_final_reward"]`; without KL in
+the reward it equals the reward.
 
 Prompts: the first generation batch is the `prompts` argument (`num_prompts == gen_batch_size`);
 each further batch is `ctx.next_prompts(gen_batch_size)` from this rank's data stream.
@@ -51,6 +53,8 @@ def group_metric(rollout: Rollout, metric: str) -> float:
             raise ValueError("[sampler.filtered] metric='acc' needs the reward function to return an 'acc' "
                              "extra; it returned " f"{sorted(rollout.extras)}. Use metric='score' instead.")
         return float(rollout.extras["acc"])
+    if metric == "seq_final_reward":
+        return float(rollout.extras.get("seq_final_reward", rollout.reward))
     return float(rollout.reward)
 
 
@@ -92,7 +96,11 @@ class FilteredSampler(Sampler):
                     for r in g:
                         r.group_id = (r.group_id, num_gen_batches)
                 seen.add(g[0].group_id)
-            score_rollouts(ctx, [r for g in groups for r in g])
+            rollouts = [r for g in groups for r in g]
+            score_rollouts(ctx, rollouts)
+            if self.metric == "seq_final_reward" and ctx.final_rewards is not None:
+                for r, final in zip(rollouts, ctx.final_rewards(rollouts)):
+                    r.extras["seq_final_reward"] = final
             passed = [g for g in groups if has_variance(g, self.metric)]
             kept.extend(passed)
             shortfall = max(0, self.train_batch_size - len(kept))

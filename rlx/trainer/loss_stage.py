@@ -39,20 +39,36 @@ from rlx.algorithms import (
     agg_loss,
     compute_advantages,
     entropy_loss,
+    gae_advantages,
     kl_penalty,
     policy_loss,
 )
 from rlx.types import Rollout
 
-AdvantageFn = Callable[[torch.Tensor, torch.Tensor, Sequence], tuple[torch.Tensor, torch.Tensor]]
+AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def build_advantage(cfg: Any) -> AdvantageFn:
-    """`fn(token_level_rewards, response_mask, group_ids) -> (advantages, returns)` from `[algorithm]`.
+    """`fn(token_level_rewards, response_mask, group_ids, values=None) -> (advantages, returns)` from
+    `[algorithm]`; `values` (the critic's, `[B, T]`) is what gae reads, and only gae.
 
     Each estimator gets exactly the options it defines; the registry rejects any other keyword."""
+    if cfg.adv_estimator == "gae":
+        gamma, lam = cfg.gamma, cfg.lam
+
+        def gae(rewards: torch.Tensor, mask: torch.Tensor, group_ids: Sequence, values: torch.Tensor | None = None):
+            if values is None:
+                raise ValueError("adv_estimator = 'gae' needs the critic's values")
+            return gae_advantages(rewards, values, mask, gamma, lam)
+
+        return gae
     options = {"grpo": {"norm_by_std": cfg.norm_adv_by_std}, "reinforce_pp": {"gamma": cfg.gamma}}
-    return partial(compute_advantages, cfg.adv_estimator, **options.get(cfg.adv_estimator, {}))
+    estimator = partial(compute_advantages, cfg.adv_estimator, **options.get(cfg.adv_estimator, {}))
+
+    def advantage(rewards: torch.Tensor, mask: torch.Tensor, group_ids: Sequence, values: torch.Tensor | None = None):
+        return estimator(rewards, mask, group_ids)
+
+    return advantage
 
 
 def build_rollout_correction(cfg: Any) -> RolloutCorrection | None:
@@ -135,7 +151,9 @@ class LossStage:
         return self.correction is not None and self.correction.has_weights and (
             not self.bypass or self.loss_type == "reinforce")  # fmt: skip
 
-    def plan(self, num_mini_batches: int) -> StepPlan:
+    def plan(self, num_mini_batches: int, *, reward_kl: bool = False) -> StepPlan:
+        """`reward_kl`: the KL penalty is in the reward (algorithm.use_kl_in_reward), so the rewards need
+        pi_old (decoupled: the pass; bypass: the rollout logprobs) and the reference before the update."""
         extra_terms = self.cfg.kl_coef > 0 or self.cfg.entropy_coef > 0
         # A per-micro-batch correction rescales the policy-gradient term afterwards, which is exact only
         # when that term is the whole loss or no batch quantity needs rescaling.
@@ -146,9 +164,9 @@ class LossStage:
             old_pass = not rescale_ok
         else:
             single_pass = self.cfg.ppo_epochs == 1 and num_mini_batches == 1
-            old_pass = not (self.on_policy_shortcut and single_pass and rescale_ok)
+            old_pass = reward_kl or not (self.on_policy_shortcut and single_pass and rescale_ok)
         correction = "none" if self.correction is None else ("batch" if old_pass else "micro")
-        return StepPlan(old_pass, self.cfg.kl_coef > 0, correction)
+        return StepPlan(old_pass, self.cfg.kl_coef > 0 or reward_kl, correction)
 
     @torch.no_grad()
     def correct_batch(self, batch: Any) -> dict[str, float]:

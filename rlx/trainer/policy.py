@@ -116,7 +116,7 @@ def scatter_rows(flat: torch.Tensor, pack: Pack, width: int) -> torch.Tensor:
     return out.index_put((pack.out_row.to(flat.device), pack.out_col.to(flat.device)), flat)
 
 
-def _forward_all(model: nn.Module, rollouts: Sequence[Rollout], head, *, device: torch.device, token_budget: int,
+def forward_packs(model: nn.Module, rollouts: Sequence[Rollout], head, *, device: torch.device, token_budget: int,
                  dp_group: dist.ProcessGroup | None):  # fmt: skip
     """Yield (pack, head(response hidden states [N, H], output weight as the model holds it)) for every
     micro-batch of `rollouts`, plus dummy forwards so every DP rank runs the same number (collectives).
@@ -153,7 +153,7 @@ def compute_logprobs(
         return logprobs_from_hidden(h, w, pack.labels.to(device), chunk_size=chunk_size, temperature=temperature,
                                     backend=backend)  # fmt: skip
 
-    for pack, lp in _forward_all(model, rollouts, head, device=device, token_budget=token_budget, dp_group=dp_group):
+    for pack, lp in forward_packs(model, rollouts, head, device=device, token_budget=token_budget, dp_group=dp_group):
         if pack.rows:
             out[pack.rows] = scatter_rows(lp.float().cpu(), pack, width)
     return out
@@ -179,7 +179,7 @@ def compute_token_stats(
     def head(h, w, pack):
         return _max_prob_entropy(h, w, temperature, chunk_size, backend)
 
-    for pack, (max_prob, entropy) in _forward_all(model, rollouts, head, device=device, token_budget=token_budget,
+    for pack, (max_prob, entropy) in forward_packs(model, rollouts, head, device=device, token_budget=token_budget,
                                                   dp_group=dp_group):  # fmt: skip
         max_prob, entropy = max_prob.cpu(), entropy.cpu()
         for j, i in enumerate(pack.rows):

@@ -1,7 +1,8 @@
 """The RL loop: `rlx train --config X.toml` (also `python -m rlx.train` under torchrun).
 
 One step (DESIGN.md section 2): sample rollouts (generate + reward) -> gather the global batch ->
-old/ref logprobs -> advantages -> rollout correction -> policy update -> weight sync -> log.
+old/ref logprobs -> critic values (gae) -> KL in the reward (use_kl_in_reward) -> advantages ->
+rollout correction -> critic update -> policy update (after critic.warmup) -> weight sync -> log.
 Setup of the stages lives in `rl_setup.py`; the update in `rl_update.py`.
 """
 
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
+from rlx.algorithms.critic import apply_kl_penalty
 from rlx.config import Config, parse_args
 from rlx.lifecycle import Lifecycle
 from rlx.trainer.policy import compute_logprobs
@@ -39,6 +41,13 @@ class Timer:
             yield
         finally:
             self.seconds[f"timing/{name}"] = self.seconds.get(f"timing/{name}", 0.0) + time.perf_counter() - start
+
+
+def critic_batch_metrics(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Masked means of the critic's pre-update values and GAE's returns over the batch."""
+    count = mask.sum().clamp(min=1)
+    return {"critic/values_mean": float((values * mask).sum() / count),
+            "critic/returns_mean": float((returns * mask).sum() / count)}  # fmt: skip
 
 
 class RLTrainer:
@@ -80,23 +89,44 @@ class RLTrainer:
 
         # The plan says which no-grad passes this step needs: pi_old is skipped in bypass mode and when
         # the single update's own forward provides it (one epoch, one mini-batch).
-        plan = s.loss.plan(s.updater.num_mini_batches(g))
+        plan = s.loss.plan(s.updater.num_mini_batches(g), reward_kl=s.kl_ctrl is not None)
         with timer("old_logprob"):
             if plan.old_logprob_pass:
                 g.old_log_probs = self._logprobs(s.model, mine, shares, len(rollouts))
             if plan.ref_pass:
                 g.ref_log_probs = self._logprobs(s.ref_model, mine, shares, len(rollouts))
+        values = returns = None
+        if s.critic is not None:
+            with timer("values"):
+                values = s.critic.values(rollouts)
         with timer("advantage"):
-            g.advantages, _ = s.advantage(batch["token_level_rewards"], g.response_mask, batch["group_ids"])
+            rewards = batch["token_level_rewards"]
+            if s.kl_ctrl is not None:  # verl order: penalize with the current beta, then update beta
+                old = g.rollout_log_probs if s.loss.bypass else g.old_log_probs
+                rewards, kl_metrics = apply_kl_penalty(rewards, old, g.ref_log_probs, g.response_mask, s.kl_ctrl.value,
+                                                       self.cfg.algorithm.kl_penalty)  # fmt: skip
+                s.kl_ctrl.update(kl_metrics["actor/reward_kl_penalty"], n_steps=len(rollouts))
+                metrics.update(kl_metrics)
+            # GAE and the critic see the response mask; rollout correction's RS mask (below) is the actor's.
+            response_mask = g.response_mask
+            g.advantages, returns = s.advantage(rewards, response_mask, batch["group_ids"], values=values)
             if plan.correction == "batch" and g.response_mask.any():
                 metrics.update(s.loss.correct_batch(g))
 
+        if s.critic is not None:
+            with timer("critic"):
+                metrics.update(s.critic.update(rollouts, values, returns, response_mask))
+                metrics.update(critic_batch_metrics(values, returns, response_mask))
+        # critic_warmup (verl's rule): the policy first updates at step critic.warmup.
+        update_actor = s.critic is None or step >= self.cfg.critic.warmup
         with timer("train"):
-            metrics.update(s.updater.update(g, plan))
-            s.scheduler.step()
+            if update_actor:
+                metrics.update(s.updater.update(g, plan))
+                s.scheduler.step()
         with timer("weight_sync"):
             s.engine.wake_up()
-            metrics.update(s.weight_sync.push(s.model, version=step))
+            if update_actor:  # (a frozen policy has nothing new to send)
+                metrics.update(s.weight_sync.push(s.model, version=step))
 
         metrics.update(self._batch_metrics(rollouts, g, s.generator_tokens.pop()))
         metrics.update(reward_metrics)
@@ -194,8 +224,10 @@ class RLTrainer:
             save_now = stopping and cfg.checkpoint.enable and cfg.checkpoint.save_on_signal
             saved = None
             if s.checkpointer.should_save(step, last) or save_now:
-                saved = s.checkpointer.save(step, {"stream": s.stream.state_dict(),
-                                                   "total_generated_tokens": self.total_generated_tokens})  # fmt: skip
+                data = {"stream": s.stream.state_dict(), "total_generated_tokens": self.total_generated_tokens}
+                if s.kl_ctrl is not None:
+                    data["kl_ctrl"] = s.kl_ctrl.state_dict()
+                saved = s.checkpointer.save(step, data)
             if stopping:
                 if step % cfg.train.log_every and step != last:
                     s.logger.log(metrics, step=step)  # the last step's metrics are never lost

@@ -1,7 +1,7 @@
 """Builds every stage of an RL run from its config, each from its own section (STYLE.md 1).
 
 Order matters: process group and mesh -> policy (meta -> TP -> AC -> FSDP -> load) and reference
--> optimizer -> generator engine (colocated; it reseeds the global RNG, so the trainer uses its own
+-> optimizer -> critic (gae) -> generator engine (colocated; it reseeds the global RNG, so the trainer uses its own
 torch.Generator) -> reward -> data -> sampler -> checkpoint resume -> metric sinks.
 """
 
@@ -28,11 +28,13 @@ from rlx.parallel import ParallelDims, build_parallel_model
 from rlx.preflight import check_run_inputs
 from rlx.reward import build_reward
 from rlx.sampler import SamplerContext, build_sampler
+from rlx.algorithms.critic import KLController, apply_kl_penalty, build_kl_controller
+from rlx.trainer.critic_update import CriticUpdater
 from rlx.trainer.loss_stage import AdvantageFn, LossStage, build_advantage, build_loss
-from rlx.trainer.policy import compute_token_stats
+from rlx.trainer.policy import compute_logprobs, compute_token_stats
 from rlx.trainer.rl_update import PolicyUpdater
 from rlx.trainer.train_step import build_lr_scheduler, build_optimizer, make_generator
-from rlx.types import Completion, GenerationRequest, RewardResult, Rollout
+from rlx.types import Completion, GenerationRequest, RewardResult, Rollout, RolloutBatch
 from rlx.weight_sync import WeightSync
 
 logger = logging.getLogger("rlx.train")
@@ -122,6 +124,10 @@ class Stages:
     logger: MetricLogger
     start_step: int = 0
     resume_data: dict = field(default_factory=dict)
+    critic: CriticUpdater | None = None
+    """The value model and its update (algorithm.adv_estimator = "gae"), else None."""
+    kl_ctrl: KLController | None = None
+    """The in-reward KL coefficient (algorithm.use_kl_in_reward), else None."""
 
     def close(self) -> None:
         self.checkpointer.close()
@@ -175,12 +181,26 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
     model = build_parallel_model(hf_dir, dims, cfg.parallel, device=device, dtype=dtype)
     logger.info("logprob backend: %s", resolve_logprob_backend(cfg.loss.logprob_backend, device))
     ref_model = None
-    if cfg.loss.kl_coef > 0:
+    if cfg.loss.kl_coef > 0 or cfg.algorithm.use_kl_in_reward:
         ref_model = build_parallel_model(cfg.model.ref_path, dims, cfg.parallel, device=device, dtype=dtype,
                                          reference=True)  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, total_steps=cfg.train.steps)
     rng = make_generator(cfg.job.seed)
+    critic = None
+    if cfg.algorithm.adv_estimator == "gae":
+        logger.info("building the critic from %s", cfg.critic.path)
+        value_model = build_parallel_model(cfg.critic.path, dims, cfg.parallel, device=device, dtype=dtype,
+                                           value_head_seed=cfg.job.seed)  # fmt: skip
+        critic_optimizer = build_optimizer(value_model, cfg.critic.optim)
+        critic = CriticUpdater(value_model, critic_optimizer,
+                               build_lr_scheduler(critic_optimizer, cfg.critic.optim, total_steps=cfg.train.steps),
+                               cfg.critic, loss_scale_factor=cfg.loss.loss_scale_factor, device=device,
+                               dp_rank=dims.dp_rank, dp_size=dims.dp_size, dp_group=dp_group, rng=rng)  # fmt: skip
+    kl_ctrl = None
+    if cfg.algorithm.use_kl_in_reward:
+        k = cfg.algorithm.kl_ctrl
+        kl_ctrl = build_kl_controller(k.type, k.kl_coef, k.target_kl, k.horizon)
 
     tokenizer = inputs.tokenizer
     if engine is None:
@@ -214,8 +234,22 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
 
         raise UserError("sampler.type = 'token_adaptive' runs the trainer's forward on each rank's rollouts: with "
                         "parallel.tp > 1 set generator.tp equal to parallel.tp so TP ranks hold the same rollouts")
+    def final_rewards(rollouts: Sequence[Rollout]) -> list[float]:
+        """Each rollout's reward after the in-reward KL penalty at the current beta (the filtered
+        sampler's seq_final_reward): score - beta * sum_t KL_t under the policy and the reference now."""
+        lp = lambda m: compute_logprobs(m, rollouts, device=device, token_budget=cfg.loss.micro_batch_tokens,  # noqa: E731
+                                        temperature=cfg.generator.temperature, chunk_size=cfg.loss.logprob_chunk_size,
+                                        dp_group=dp_group, backend=cfg.loss.logprob_backend)  # fmt: skip
+        old, ref = lp(model), lp(ref_model)
+        if not rollouts:
+            return []
+        t = RolloutBatch(list(rollouts)).to_tensors()
+        rewards, _ = apply_kl_penalty(t["token_level_rewards"], old, ref, t["response_mask"], kl_ctrl.value,
+                                      cfg.algorithm.kl_penalty)  # fmt: skip
+        return rewards.sum(-1).tolist()
+
     ctx = SamplerContext(counting, reward, token_stats=token_stats, all_reduce_sum=all_reduce_sum,
-                         next_prompts=stream.take)  # fmt: skip
+                         next_prompts=stream.take, final_rewards=final_rewards if kl_ctrl is not None else None)  # fmt: skip
 
     advantage = build_advantage(cfg.algorithm)
     loss = build_loss(cfg.loss, cfg.rollout_correction)
@@ -223,7 +257,8 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
                             dp_size=dims.dp_size, dp_group=dp_group, temperature=cfg.generator.temperature,
                             grad_clip=cfg.optim.grad_clip, rng=rng)  # fmt: skip
     checkpointer = Checkpointer(cfg.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, generator=rng,
-                                hf_dir=hf_dir, run_dir=str(run_dir))  # fmt: skip
+                                hf_dir=hf_dir, run_dir=str(run_dir),
+                                critic=None if critic is None else (critic.model, critic.optimizer, critic.scheduler))  # fmt: skip
     weight_sync = WeightSync(engine)
     start_step, resume_data = 0, {}
     if dcp_init is not None:
@@ -235,10 +270,12 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
     if state is not None:
         start_step, resume_data = state.step, state.data
         stream.load_state_dict(state.data["stream"])
+        if kl_ctrl is not None and "kl_ctrl" in state.data:
+            kl_ctrl.load_state_dict(state.data["kl_ctrl"])
         weight_sync.push(model, version=start_step)
         logger.info("resumed from %s at step %d", state.path, start_step)
     metric_logger = MetricLogger(str(run_dir), cfg.logging, config_dict=cfg.to_dict(), rank=rank,
                                  total_steps=cfg.train.steps)  # fmt: skip
     return Stages(cfg, device, dims, dp_group, model, ref_model, optimizer, scheduler, rng, tokenizer, engine,
                   counting, weight_sync, reward, stream, val_prompts, sampler, ctx, advantage, loss, updater,
-                  checkpointer, metric_logger, start_step, resume_data)  # fmt: skip
+                  checkpointer, metric_logger, start_step, resume_data, critic, kl_ctrl)  # fmt: skip

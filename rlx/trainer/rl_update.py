@@ -55,7 +55,22 @@ def gather_rows(local: torch.Tensor, shares: list[list[int]], total: int, group)
     return out
 
 
-def _sum_over_ranks(totals: torch.Tensor, sums: dict[str, float], group) -> dict[str, float]:
+def group_mini_batches(rollouts: Sequence[Rollout], size: int, rng: torch.Generator) -> list[list[int]]:
+    """Row indices of each mini-batch: `size` whole groups each (0 = the whole batch), groups in a
+    fresh order per call (epoch) drawn from `rng`, the trainer's RNG."""
+    groups: dict[Any, list[int]] = {}
+    for i, r in enumerate(rollouts):
+        groups.setdefault(r.group_id, []).append(i)
+    keys = list(groups)
+    size = size or len(keys)
+    if size >= len(keys):
+        return [list(range(len(rollouts)))]
+    order = torch.randperm(len(keys), generator=rng).tolist()
+    chunks = [order[s : s + size] for s in range(0, len(order), size)]
+    return [sorted(i for k in chunk for i in groups[keys[k]]) for chunk in chunks]
+
+
+def sum_over_ranks(totals: torch.Tensor, sums: dict[str, float], group) -> dict[str, float]:
     """All-reduce `totals` in place and sum the metric dicts over the DP group (a rank that ran
     only padding micro-batches has no keys, so dicts are gathered rather than reduced)."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
@@ -89,18 +104,7 @@ class PolicyUpdater:
         return max(1, math.ceil(groups / size))
 
     def mini_batches(self, batch: GlobalBatch) -> list[list[int]]:
-        """Row indices of each mini-batch: `mini_batch_size` whole groups each (0 = the whole batch),
-        groups in a fresh order per epoch drawn from the trainer's RNG."""
-        groups: dict[Any, list[int]] = {}
-        for i, r in enumerate(batch.rollouts):
-            groups.setdefault(r.group_id, []).append(i)
-        keys = list(groups)
-        size = self.cfg.mini_batch_size or len(keys)
-        if size >= len(keys):
-            return [list(range(len(batch.rollouts)))]
-        order = torch.randperm(len(keys), generator=self.rng).tolist()
-        chunks = [order[s : s + size] for s in range(0, len(order), size)]
-        return [sorted(i for k in chunk for i in groups[keys[k]]) for chunk in chunks]
+        return group_mini_batches(batch.rollouts, self.cfg.mini_batch_size, self.rng)
 
     def update(self, batch: GlobalBatch, plan: StepPlan) -> dict[str, float]:
         sums: dict[str, float] = {}
@@ -142,7 +146,7 @@ class PolicyUpdater:
                 metric_sums[key] = metric_sums.get(key, 0.0) + v * weight
 
         run_micro_batches(packs, run, self._dummy_backward, self.dp_group)
-        metric_sums = _sum_over_ranks(totals, metric_sums, self.dp_group)
+        metric_sums = sum_over_ranks(totals, metric_sums, self.dp_group)
         out: dict[str, float] = {}
         if plan.correction == "micro":
             rc_metrics, factor = self.loss.finish_correction(_gather_lists(correction_rows, self.dp_group))
