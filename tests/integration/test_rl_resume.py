@@ -71,3 +71,42 @@ def test_resume_after_stop_and_after_sigkill_matches_uninterrupted(tiny_model, t
     assert sorted(killed) == [1, 2, 3, 4]
     for step in (2, 3, 4):
         assert_same(killed[step], reference[step], step)
+
+
+CRITIC_COMPARED = ("critic/vf_loss", "critic/values_mean", "critic/returns_mean", "critic/grad_norm",
+                   "actor/reward_kl_penalty", "actor/reward_kl_penalty_coeff")  # fmt: skip
+
+
+def test_critic_run_resumes_after_sigkill_like_uninterrupted(tiny_model, tiny_jsonl, parity_reward_dir, tmp_path):
+    """PPO with a critic: value model, its optimizer and schedule, the adaptive KL controller's beta and
+    the warm-up all come back from the checkpoint (step 2 is the first actor update)."""
+    model, env = tiny_model("qwen3"), train_env(parity_reward_dir)
+    critic = ("--algorithm.adv_estimator=gae", "--algorithm.lam=0.95", "--algorithm.use_kl_in_reward=true",
+              "--algorithm.kl_ctrl.type=adaptive", "--algorithm.kl_ctrl.target_kl=0.0001",
+              "--algorithm.kl_ctrl.horizon=50", "--critic.warmup=2", "--critic.optim.lr=1e-3",
+              "--critic.optim.lr_schedule=cosine")  # fmt: skip
+    run = lambda *cmd: subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=600)  # noqa: E731
+    full = run(*train_cmd(model, tiny_jsonl, tmp_path, "full", 4, *critic))
+    assert full.returncode == 0, full.stderr[-3000:]
+    reference = by_step(read_metrics(tmp_path / "full"))
+    assert "actor/pg_loss" not in reference[1] and "actor/pg_loss" in reference[2]
+    betas = [reference[s]["actor/reward_kl_penalty_coeff"] for s in (1, 2, 3, 4)]
+    assert len(set(betas)) == 4, f"the adaptive beta must move every step: {betas}"
+
+    proc = subprocess.Popen(train_cmd(model, tiny_jsonl, tmp_path, "killed", 4, *critic), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not any((p / "COMPLETE").exists() for p in ckpts.glob("step-*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = run(*train_cmd(model, tiny_jsonl, tmp_path, "killed", 4, *critic))
+    assert again.returncode == 0, again.stderr[-3000:]
+    killed = by_step(read_metrics(tmp_path / "killed"))
+    assert sorted(killed) == [1, 2, 3, 4]
+    for step in (2, 3, 4):
+        assert_same(killed[step], reference[step], step)
+        for key in CRITIC_COMPARED:
+            assert killed[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
