@@ -245,6 +245,29 @@ def test_filtered_variance_rule_and_metric_mapping():
         build_filtered(n=1)
 
 
+def test_filtered_seq_final_reward_reads_the_kl_penalized_reward():
+    # Every rollout scores the same, so seq_reward drops every group; the KL penalty (the context's
+    # final_rewards, here: score - 0.1 * token count) differs between a group's 1- and 2-token rollouts.
+    def script(req, k):
+        return [WRONG] * (1 + k % 2)
+
+    calls = []
+
+    def final_rewards(rollouts):
+        calls.append(len(rollouts))
+        return [r.reward - 0.1 * len(r.response_ids) for r in rollouts]
+
+    sampler = build_filtered(train=2, gen=2, n=2, metric="seq_final_reward")
+    ctx = SamplerContext(ScriptedGenerator(script), FakeReward(), final_rewards=final_rewards)
+    batch, metrics = sampler.sample(make_prompts(2), ctx)
+    assert metrics["train/num_kept_groups"] == 2 and calls == [4]
+    assert [r.extras["seq_final_reward"] for r in batch.rollouts] == pytest.approx([-0.1, -0.2, -0.1, -0.2])
+    # Without KL in the reward (no final_rewards) the final reward is the reward: nothing varies.
+    with pytest.raises(RuntimeError, match="max_num_gen_batches=1"):
+        build_filtered(train=2, gen=2, n=2, metric="seq_final_reward", max_num_gen_batches=1).sample(
+            make_prompts(2), SamplerContext(ScriptedGenerator(script), FakeReward()))
+
+
 def test_filtered_raises_the_documented_error_at_the_cap():
     gen = ScriptedGenerator(filtered_script(lambda uid: False))
     next_prompts, _ = prompt_stream(start=4)
