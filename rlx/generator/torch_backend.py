@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rlx.errors import UserError
 from rlx.generator.base import GeneratorLayout, check_max_lengths, split_by_prompt_length
 from rlx.models import ModelArgs, build_model, load_hf_weights, load_tokenizer, read_hf_config
-from rlx.models.transformer import Attention, Transformer, apply_rope, rope_cos_sin, rope_inv_freq
+from rlx.models.transformer import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
 from rlx.types import Completion, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class TorchGenerator:
         self.tie_word_embeddings = args.tie_word_embeddings
         self.model = _load_model(args, model_path, self.device, self.engine_dtype)
         self.inv_freq = rope_inv_freq(args, self.device)
-        self.params = dict(self.model.named_parameters(remove_duplicate=False))
+        self._fuse()
 
         tokenizer = load_tokenizer(model_path)
         stop_ids = _stop_token_ids(model_path, hf_config, tokenizer)
@@ -205,8 +205,8 @@ class TorchGenerator:
         logits = self._prefill(wave.requests, n, P, cache)  # [B, V]
         positions = prompt_lens.repeat_interleave(n)  # where each row's next token goes (RoPE)
         # Cache slots: [0, P) holds the right-padded prompt, P + t the t-th generated token.
-        key_valid = torch.ones(B, P + T, dtype=torch.bool, device=self.device)
-        key_valid[:, :P] = torch.arange(P, device=self.device) < positions[:, None]
+        key_bias = torch.zeros(B, P + T, dtype=self.engine_dtype, device=self.device)
+        key_bias[:, :P].masked_fill_(torch.arange(P, device=self.device) >= positions[:, None], float("-inf"))
         seeded = [(j, _request_rng(r.seed, self.device)) for j, r in enumerate(wave.requests) if r.seed is not None]
 
         tokens = torch.zeros(B, T, dtype=torch.long, device=self.device)
@@ -239,10 +239,10 @@ class TorchGenerator:
             if num_alive <= COMPACT_FRACTION * alive.numel():  # stop computing finished rows
                 keep = alive.nonzero()[:, 0]
                 cache.select(keep)
-                rows, alive, tok, positions, key_valid = rows[keep], alive[keep], tok[keep], positions[keep], key_valid[keep]
+                rows, alive, tok, positions, key_bias = rows[keep], alive[keep], tok[keep], positions[keep], key_bias[keep]
                 temperature, max_tokens, min_tokens = temperature[keep], max_tokens[keep], min_tokens[keep]
                 request_index = request_index[keep]
-            logits = self._decode_step(tok, positions + t, P + t, key_valid[:, : P + t + 1], cache)
+            logits = self._decode_step(tok, positions + t, P + t, key_bias[:, : P + t + 1], cache)
         return self._completions(wave, tokens, logprobs, lengths, stopped)
 
     def _noise(self, logits: torch.Tensor, request_index: torch.Tensor, seeded) -> torch.Tensor:
@@ -291,30 +291,29 @@ class TorchGenerator:
         positions = torch.arange(P, device=self.device).unsqueeze(0)
         cos, sin = rope_cos_sin(self.inv_freq, positions)
         x = self.model.model.embed_tokens(ids)
-        for i, layer in enumerate(self.model.model.layers):
-            q, k, v = _qkv(layer.self_attn, layer.input_layernorm(x), cos, sin)
+        for i, (layer, fused) in enumerate(zip(self.model.model.layers, self.fused)):
+            q, k, v = fused.qkv(layer, layer.input_layernorm(x), cos, sin)
             cache.k[i][rows, :, :P] = k.repeat_interleave(reps, 0)
             cache.v[i][rows, :, :P] = v.repeat_interleave(reps, 0)
             # Right padding: a real query only sees keys at or before itself, all real tokens.
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
             x = x + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(R, P, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + fused.mlp(layer.post_attention_layernorm(x))
         return x
 
-    def _decode_step(self, tok, positions, slot: int, key_valid, cache: KVCache) -> torch.Tensor:
-        """Feed one token per row (at RoPE position `positions`, cache slot `slot`); next logits."""
+    def _decode_step(self, tok, positions, slot: int, key_bias, cache: KVCache) -> torch.Tensor:
+        """Feed one token per row (at RoPE position `positions`, cache slot `slot`); next logits.
+        key_bias [B, slot + 1]: 0 for keys a row may attend to, -inf for its prompt padding."""
         B = tok.shape[0]
         cos, sin = rope_cos_sin(self.inv_freq, positions[:, None])
-        mask = key_valid[:, None, None, :]
         x = self.model.model.embed_tokens(tok[:, None])
-        for i, layer in enumerate(self.model.model.layers):
-            q, k, v = _qkv(layer.self_attn, layer.input_layernorm(x), cos, sin)
+        for i, (layer, fused) in enumerate(zip(self.model.model.layers, self.fused)):
+            q, k, v = fused.qkv(layer, layer.input_layernorm(x), cos, sin)
             cache.k[i][:, :, slot] = k[:, :, 0]
             cache.v[i][:, :, slot] = v[:, :, 0]
-            keys, values = cache.k[i][:, :, : slot + 1], cache.v[i][:, :, : slot + 1]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-            x = x + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(B, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            attn = decode_attention(q, cache.k[i][:, :, : slot + 1], cache.v[i][:, :, : slot + 1], key_bias)
+            x = x + layer.self_attn.o_proj(attn.reshape(B, 1, -1))
+            x = x + fused.mlp(layer.post_attention_layernorm(x))
         return self._logits(x[:, 0])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -360,13 +359,17 @@ class TorchGenerator:
         """Bring the weights back to the device (no-op on CPU)."""
         if self.sleep_enabled and self.is_sleeping:
             self.model.to(self.device)
-            self.params = dict(self.model.named_parameters(remove_duplicate=False))
+            self._fuse()  # moving made new storage for every Parameter
             self.is_sleeping = False
 
     def shutdown(self) -> None:
         """Free the engine's model."""
         self.model = None
-        self.params = {}
+        self.params, self.fused = {}, []
+
+    def _fuse(self) -> None:
+        self.fused = [fuse_layer(layer) for layer in self.model.model.layers]
+        self.params = dict(self.model.named_parameters(remove_duplicate=False))
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -392,16 +395,69 @@ class KVCache:
         self.v = [t.index_select(0, rows) for t in self.v]
 
 
-def _qkv(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Projected, normed and rotated q, k, v [B, heads, T, head_dim] (Attention.forward's first half)."""
-    B, T, _ = x.shape
-    q = attn.q_proj(x).view(B, T, -1, attn.head_dim)
-    k = attn.k_proj(x).view(B, T, -1, attn.head_dim)
-    v = attn.v_proj(x).view(B, T, -1, attn.head_dim)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+@dataclass
+class FusedLayer:
+    """One decoder layer's q/k/v and gate/up weights as single matrices, one matmul each.
+
+    The layer's own q/k/v and gate/up Parameters are made views into these (`fuse_layer`), so a
+    weight update copied into them (reload_weights) updates the fused matrices too."""
+
+    qkv_weight: torch.Tensor  # [q + k + v, H]
+    qkv_bias: torch.Tensor | None
+    qkv_sizes: list[int]
+    gate_up_weight: torch.Tensor  # [2 * I, H]
+    down_proj: torch.nn.Module
+
+    def qkv(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Projected, normed and rotated q, k, v [B, heads, T, head_dim] (as Attention.forward)."""
+        attn, (B, T, _) = layer.self_attn, x.shape
+        q, k, v = (t.view(B, T, -1, attn.head_dim) for t in F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, -1))
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def fuse_layer(layer) -> FusedLayer:
+    """Concatenate a layer's q/k/v and gate/up weights and point its Parameters into the result."""
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def fuse(modules, name):
+        parts = [getattr(m, name) for m in modules]
+        if parts[0] is None:
+            return None
+        fused = torch.cat([p.detach() for p in parts])
+        start = 0
+        for m, p in zip(modules, parts):
+            setattr(m, name, torch.nn.Parameter(fused[start : start + p.shape[0]], requires_grad=False))
+            start += p.shape[0]
+        return fused
+
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    return FusedLayer(
+        qkv_weight=fuse(projections, "weight"),
+        qkv_bias=fuse(projections, "bias"),
+        qkv_sizes=[m.out_features for m in projections],
+        gate_up_weight=fuse((mlp.gate_proj, mlp.up_proj), "weight"),
+        down_proj=mlp.down_proj,
+    )
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+    """One query per row against its cached keys: q [B, H, 1, D], k/v [B, KV, L, D] (GQA: query
+    head h reads KV head h // (H / KV)), key_bias [B, L] added to the scores -> [B, H, D].
+
+    Plain matmuls: SDPA's CPU kernel is several times slower for a single query with a mask."""
+    B, H, _, D = q.shape
+    KV = k.shape[1]
+    q = q.reshape(B, KV, H // KV, D)  # query heads grouped by the KV head they read
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(D**-0.5)  # [B, KV, G, L]
+    scores = scores.float().add_(key_bias[:, None, None, :]).softmax(dim=-1).to(v.dtype)
+    return torch.matmul(scores, v).reshape(B, H, D)
 
 
 def sample(
