@@ -103,7 +103,8 @@ class TorchGenerator:
         self.is_sleeping = False
         self._counters = {"dropped_prompts": 0, "prompts": 0, "completions": 0, "tokens": 0, "seconds": 0.0}
         self._last_tokens_per_second = 0.0
-        logger.info("generator: torch backend on %s (%s), stop token ids %s", self.device, self.engine_dtype, sorted(stop_ids))
+        logger.info("generator: torch backend on %s (%s), stop token ids %s",
+                    self.device, self.engine_dtype, sorted(stop_ids))  # fmt: skip
 
     # -- layout helpers -------------------------------------------------------------------------
 
@@ -163,35 +164,34 @@ class TorchGenerator:
         cfg = self.cfg
         default_temperature = cfg.val_temperature if validation else cfg.temperature
         limit = getattr(cfg, "max_num_seqs", 0) or 0
-        rows: list[tuple[int, float, int, int]] = []  # (n, temperature, max_tokens, min_tokens) per request
+        settings: list[tuple[int, float, int, int]] = []  # (n, temperature, max_tokens, min_tokens) per request
         for r in requests:
             temperature = default_temperature if r.temperature is None else r.temperature
             max_tokens = cfg.max_tokens if r.max_tokens is None else r.max_tokens
             max_tokens = max(1, min(max_tokens, self.max_model_len - len(r.prompt_ids)))
             min_tokens = min(getattr(cfg, "min_tokens", 0), max_tokens)
-            rows.append((1 if temperature < GREEDY_EPS else r.n, temperature, max_tokens, min_tokens))
+            settings.append((1 if temperature < GREEDY_EPS else r.n, temperature, max_tokens, min_tokens))
         start = 0
         while start < len(requests):
             end, seqs = start, 0
-            while end < len(requests) and (end == start or not limit or seqs + rows[end][0] <= limit):
-                seqs += rows[end][0]
+            while end < len(requests) and (end == start or not limit or seqs + settings[end][0] <= limit):
+                seqs += settings[end][0]
                 end += 1
-            yield self._wave(requests[start:end], rows[start:end], start)
+            yield self._wave(requests[start:end], settings[start:end], start)
             start = end
 
-    def _wave(self, requests, rows, first: int) -> Wave:
-        n = [r[0] for r in rows]
+    def _wave(self, requests, settings, first: int) -> Wave:
+        n = [s[0] for s in settings]
         per_row = lambda values, dtype: torch.tensor(values, dtype=dtype).repeat_interleave(  # noqa: E731
             torch.tensor(n)).to(self.device)
-        wave = Wave(
+        return Wave(
             requests, n,
-            temperature=per_row([r[1] for r in rows], torch.float32),
-            max_tokens=per_row([r[2] for r in rows], torch.long),
-            min_tokens=per_row([r[3] for r in rows], torch.long),
+            temperature=per_row([s[1] for s in settings], torch.float32),
+            max_tokens=per_row([s[2] for s in settings], torch.long),
+            min_tokens=per_row([s[3] for s in settings], torch.long),
             request_index=per_row(list(range(len(requests))), torch.long),
             first=first,
         )  # fmt: skip
-        return wave
 
     @torch.inference_mode()
     def _decode(self, wave: Wave) -> list[list[Completion]]:
@@ -239,9 +239,9 @@ class TorchGenerator:
             if num_alive <= COMPACT_FRACTION * alive.numel():  # stop computing finished rows
                 keep = alive.nonzero()[:, 0]
                 cache.select(keep)
-                rows, alive, tok, positions, key_bias = rows[keep], alive[keep], tok[keep], positions[keep], key_bias[keep]
+                rows, alive, tok, positions = rows[keep], alive[keep], tok[keep], positions[keep]
                 temperature, max_tokens, min_tokens = temperature[keep], max_tokens[keep], min_tokens[keep]
-                request_index = request_index[keep]
+                key_bias, request_index = key_bias[keep], request_index[keep]
             logits = self._decode_step(tok, positions + t, P + t, key_bias[:, : P + t + 1], cache)
         return self._completions(wave, tokens, logprobs, lengths, stopped)
 
@@ -252,7 +252,7 @@ class TorchGenerator:
         for j, gen in seeded:
             mine = (request_index == j).nonzero()[:, 0]
             if mine.numel():
-                noise[mine] = torch.empty(mine.numel(), logits.shape[-1], device=logits.device).exponential_(generator=gen)
+                noise[mine] = torch.empty_like(noise[mine]).exponential_(generator=gen)
         return noise
 
     def _completions(self, wave, tokens, logprobs, lengths, stopped) -> list[list[Completion]]:
@@ -282,7 +282,8 @@ class TorchGenerator:
             last = torch.tensor([len(r.prompt_ids) - 1 for r in part], device=self.device)
             reps = n[start : start + chunk]
             hidden = self._prefill_chunk(ids.to(self.device), cache, slice(row, row + int(reps.sum())), reps)
-            out.append(self._logits(hidden[torch.arange(len(part), device=self.device), last]).repeat_interleave(reps, 0))
+            last_hidden = hidden[torch.arange(len(part), device=self.device), last]
+            out.append(self._logits(last_hidden).repeat_interleave(reps, 0))
             row += int(reps.sum())
         return torch.cat(out)
 
@@ -411,7 +412,8 @@ class FusedLayer:
     def qkv(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Projected, normed and rotated q, k, v [B, heads, T, head_dim] (as Attention.forward)."""
         attn, (B, T, _) = layer.self_attn, x.shape
-        q, k, v = (t.view(B, T, -1, attn.head_dim) for t in F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, -1))
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
+        q, k, v = (t.view(B, T, -1, attn.head_dim) for t in qkv)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
