@@ -7,7 +7,12 @@ run by run) and `rlx_over_trl`; with `--shape large` the FLOP floor at the matmu
 in the same run; with `--background-load K` the slowdown beside K busy-looping processes.
 
     python benchmarks/e2e_step.py [--shape default|large] [--dtype fp32|bf16] [--peer trl]
-                                  [--background-load 1] [--rounds 1] [--measured N]
+                                  [--backend vllm|torch|both] [--background-load 1] [--rounds 1]
+                                  [--measured N]
+
+`--backend` picks rlx's generator (`generator.backend`); `both` runs rlx once per backend in the
+same invocation (results `rlx_vllm`, `rlx_torch`), so their ratios to each other and to TRL share
+one machine state.
 
 A/B experiments: `--env KEY=VALUE` (rlx worker's environment), `--peer-env KEY=VALUE`,
 `--rlx-set section.key=JSON` (set on rlx's resolved config), `--rlx-src DIR` (another checkout's
@@ -38,6 +43,10 @@ import _e2e_task as task  # noqa: E402
 
 PHASES = ("generate", "reward", "old_logprob", "train", "weight_sync")
 PEER_VENV = HERE / ".peer-venv"
+BACKENDS = ("vllm", "torch")
+# rlx's generator here: torch measured faster than vllm on this workload (default shape, one
+# invocation of `--backend both --peer trl` under load ~3: 5.4 vs 8.3 s/step, generate 1.6 vs 2.5 s).
+DEFAULT_BACKEND = "torch"
 TRL_VERSION = "1.16.0"
 RESULT = "E2E_RESULT "
 
@@ -96,6 +105,7 @@ def worker_rlx(work: Path, shape: str, dtype: str, measured: int, settings: list
         key, value = item.split("=", 1)
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, json.loads(value))
+    backend = getattr(cfg.generator, "backend", "vllm")
     start = time.perf_counter()
     if "stages" in inspect.signature(RLTrainer).parameters:
         from rlx.trainer.rl_setup import build_stages
@@ -113,7 +123,7 @@ def worker_rlx(work: Path, shape: str, dtype: str, measured: int, settings: list
             steps.append(row)
     finally:
         trainer.close()
-    return {"build_s": build, "steps": steps, "peak_rss_mb": _peak_rss_mb()}
+    return {"build_s": build, "steps": steps, "peak_rss_mb": _peak_rss_mb(), "backend": backend}
 
 
 def worker_trl(work: Path, shape: str, dtype: str, measured: int, settings: list[str]) -> dict:
@@ -205,14 +215,13 @@ def uptime() -> str:
     return Path("/proc/loadavg").read_text().split(" ")[0]
 
 
-def run_worker(python: str, kind: str, work: Path, args, env_extra: dict[str, str]) -> dict:
+def run_worker(python: str, kind: str, work: Path, args, env_extra: dict[str, str], settings: list[str]) -> dict:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
            "WANDB_MODE": "offline", "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
            **env_extra}  # fmt: skip
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(work), "--shape", args.shape,
            "--dtype", args.dtype, "--measured", str(args.measured)]  # fmt: skip
-    if kind == "rlx":
-        cmd += [f"--rlx-set={item}" for item in args.rlx_set]
+    cmd += [f"--rlx-set={item}" for item in settings]
     load = uptime()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
@@ -226,6 +235,13 @@ def run_worker(python: str, kind: str, work: Path, args, env_extra: dict[str, st
     return out
 
 
+def rlx_variants(backend: str, rlx_set: list[str]) -> dict[str, list[str]]:
+    """Result name -> --rlx-set items of each rlx run: one per generator backend asked for."""
+    backends = BACKENDS if backend == "both" else (backend,)
+    names = {b: "rlx" if len(backends) == 1 else f"rlx_{b}" for b in backends}
+    return {names[b]: [f'generator.backend="{b}"', *rlx_set] for b in backends}
+
+
 def summarize(runs: list[dict], warmup: int) -> dict:
     """Medians over the measured steps of every run (warm-up steps dropped)."""
     rows = [row for run in runs for row in run["steps"][warmup:]]
@@ -235,6 +251,8 @@ def summarize(runs: list[dict], warmup: int) -> dict:
     out["gen_tokens_per_s"] = round(statistics.median(gen_tps))
     out["peak_rss_mb"] = round(max(run["peak_rss_mb"] for run in runs))
     out["build_s"] = round(statistics.median(run["build_s"] for run in runs), 1)
+    if "backend" in runs[0]:
+        out["backend"] = runs[0]["backend"]
     out["run_medians"] = [round(statistics.median(r["step"] for r in run["steps"][warmup:]), 3) for run in runs]
     out["load_avg"] = [[run["load_before"], run["load_after"]] for run in runs]
     return out
@@ -257,6 +275,8 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(task.SHAPES), default="default")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--peer", choices=["none", "trl"], default="none")
+    p.add_argument("--backend", choices=[*BACKENDS, "both"], default=DEFAULT_BACKEND,
+                   help=f"rlx's generator.backend (default {DEFAULT_BACKEND}); both: one rlx run per backend")
     p.add_argument("--background-load", type=int, default=0, help="busy-looping processes beside loaded runs")
     p.add_argument("--measured", type=int, default=0, help="measured steps per run (default: the shape's, 5 or 3)")
     p.add_argument("--rounds", type=int, default=1, help="runs per framework (and per load level), alternated")
@@ -281,7 +301,8 @@ def main() -> None:
     task.write_prompts(work / "prompts.jsonl", s["prompts"] * (s["warmup"] + args.measured))
     params = task.write_model(work / f"model-{args.shape}", args.shape)
     assert params == task.num_params(args.shape), (params, task.num_params(args.shape))
-    frameworks = {"rlx": sys.executable}
+    variants = rlx_variants(args.backend, args.rlx_set)
+    frameworks = {name: sys.executable for name in variants}
     if args.peer == "trl":
         frameworks["trl"] = str(ensure_peer_venv())
     rlx_env = dict(kv.split("=", 1) for kv in args.env)
@@ -291,7 +312,7 @@ def main() -> None:
 
     result: dict = {"bench": "e2e_step", "shape": args.shape, "dtype": args.dtype, "params": params,
                     "load_avg_start": float(uptime())}  # fmt: skip
-    matmul = run_worker(sys.executable, "matmul", work, args, {})
+    matmul = run_worker(sys.executable, "matmul", work, args, {}, [])
     result["matmul_gflops"] = round(matmul["gflops"], 1)
     loads = [0, args.background_load] if args.background_load else [0]
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -301,7 +322,9 @@ def main() -> None:
             for k in loads:
                 stop = with_background_load(k) if k else None
                 try:
-                    out = run_worker(frameworks[name], name, work, args, rlx_env if name == "rlx" else peer_env)
+                    kind = "trl" if name == "trl" else "rlx"
+                    out = run_worker(frameworks[name], kind, work, args, rlx_env if kind == "rlx" else peer_env,
+                                     variants.get(name, []))  # fmt: skip
                 finally:
                     if stop:
                         stop()
@@ -321,7 +344,8 @@ def main() -> None:
         result[name] = summary
     result["flop_floor_s"] = round(floor, 2)
     if "trl" in frameworks:
-        result["rlx_over_trl"] = round(result["rlx"]["s_per_step"] / result["trl"]["s_per_step"], 3)
+        for name in variants:
+            result[f"{name}_over_trl"] = round(result[name]["s_per_step"] / result["trl"]["s_per_step"], 3)
     result["load_avg_end"] = float(uptime())
     if rlx_env or args.rlx_set or peer_env:
         result["rlx_env"], result["rlx_set"], result["peer_env"] = rlx_env, args.rlx_set, peer_env

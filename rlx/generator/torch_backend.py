@@ -352,6 +352,7 @@ class TorchGenerator:
         """GPU with enable_sleep_mode: move the weights to host memory while the trainer works
         (no-op on CPU)."""
         if self.sleep_enabled and not self.is_sleeping:
+            self.fused = []  # the fused matrices hold the device copy of q/k/v and gate/up
             self.model.to("cpu")
             torch.cuda.empty_cache()
             self.is_sleeping = True

@@ -258,3 +258,24 @@ def test_config_rejects_tensor_parallel_torch_backend(tiny):
 
     with pytest.raises(UserError, match="tp = 1"):
         TorchGenerator(_config(tp=2), str(tiny[0]), max_prompt_length=MAX_PROMPT, layout=GeneratorLayout(0, 2, 2))
+
+
+def test_sleep_and_wake_up_keep_the_weights_and_refuse_while_asleep(tiny):
+    """The GPU sleep path (weights to host memory and back, fused matrices rebuilt), run on CPU."""
+    from rlx.weight_sync.check import compare_with_model
+
+    path, model = tiny
+    g = _generator(path)
+    g.sleep_enabled = True  # what enable_sleep_mode does on a GPU
+    reqs = [GenerationRequest(p, n=1) for p in _prompts([4, 6])]
+    before = g.generate(reqs, validation=True)
+    g.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        g.generate(reqs)
+    g.wake_up()
+    assert [c.token_ids for cs in g.generate(reqs, validation=True) for c in cs] == [c.token_ids for cs in before for c in cs]
+    new = type(model)(model.args)
+    new.load_state_dict({k: v * 1.5 for k, v in model.state_dict().items()})
+    g.reload_weights(list(new.state_dict().items()))  # lands in the rebuilt fused matrices
+    out = [cs[0] for cs in g.generate(reqs, validation=True)]
+    assert compare_with_model(new, [r.prompt_ids for r in reqs], out, temperature=0.0)["argmax_mismatches"] == 0
