@@ -155,6 +155,8 @@ class GeneratorConfig:
     def validate(self) -> None:
         if self.min_tokens > self.max_tokens:
             raise ConfigError(f"{self.min_tokens} exceeds max_tokens={self.max_tokens}", "min_tokens")
+        if self.backend == "torch" and self.tp != 1:
+            raise ConfigError(f"{self.tp}: the torch backend has no tensor parallelism, set generator.tp = 1", "tp")
 
 
 @dataclass

@@ -7,6 +7,7 @@ contract as the vLLM backend (vllm_backend.py): processed logprobs, EOS / min_to
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it means greedy
+# GeneratorConfig fields only the vLLM engine reads: set to anything but their default, a warning.
+VLLM_ONLY = ("gpu_memory_utilization", "kv_cache_space_gib", "enforce_eager", "enable_prefix_caching",
+             "max_num_batched_tokens")  # fmt: skip
 PREFILL_TOKENS = 8192  # prompt tokens per prefill forward (bounds the prefill activations)
 COMPACT_FRACTION = 0.75  # drop finished rows from the batch once this few of them are alive
 
@@ -77,6 +81,7 @@ class TorchGenerator:
         self.max_prompt_length = max_prompt_length
         self.max_model_len = check_max_lengths(max_prompt_length, cfg.max_tokens, cfg.max_model_len)
         self.device = torch.device(device) if device is not None else _default_device()
+        _warn_ignored(cfg)
         hf_config = read_hf_config(model_path)
         args = ModelArgs.from_hf_config(hf_config)
         if self.max_model_len > args.max_position_embeddings:
@@ -537,6 +542,13 @@ class StopStrings:
                 prev = len(self.tokenizer.decode(ids[:-1]))  # only a string ending in the new text counts
                 out[i] = any(text.find(s, max(0, prev - len(s) + 1)) >= 0 for s in self.stop)
         return out.to(tokens.device)
+
+
+def _warn_ignored(cfg: Any) -> None:
+    defaults = {f.name: f for f in dataclasses.fields(type(cfg))} if dataclasses.is_dataclass(cfg) else {}
+    changed = [name for name in VLLM_ONLY if name in defaults and getattr(cfg, name) != defaults[name].default]
+    if changed:
+        logger.warning("generator.backend = 'torch' ignores the vLLM-only options %s", ", ".join(changed))
 
 
 def _default_device() -> torch.device:

@@ -251,13 +251,19 @@ def test_stop_strings_end_at_the_completing_token(tiny):
     assert stop in tok.decode(c.token_ids) and stop not in tok.decode(c.token_ids[:-1])
 
 
-def test_config_rejects_tensor_parallel_torch_backend(tiny):
+def test_tensor_parallel_and_vllm_only_options_are_not_silently_accepted(tiny, caplog):
+    from rlx.config.fields import ConfigError
     from rlx.errors import UserError
     from rlx.generator.base import GeneratorLayout
     from rlx.generator.torch_backend import TorchGenerator
 
+    with pytest.raises(ConfigError, match="tp = 1"):
+        _config(tp=2).validate()
     with pytest.raises(UserError, match="tp = 1"):
         TorchGenerator(_config(tp=2), str(tiny[0]), max_prompt_length=MAX_PROMPT, layout=GeneratorLayout(0, 2, 2))
+    with caplog.at_level("WARNING", logger="rlx.generator.torch_backend"):
+        _generator(tiny[0], kv_cache_space_gib=3.0, enforce_eager=False)
+    assert "ignores the vLLM-only options kv_cache_space_gib, enforce_eager" in caplog.text
 
 
 def test_sleep_and_wake_up_keep_the_weights_and_refuse_while_asleep(tiny):
