@@ -43,7 +43,7 @@ def _resolve(target: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlx.errors import RunStopped, UserError
+    from rlx.errors import PeerStopped, RunStopped, UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"rlx: error: {e}", file=sys.stderr)
         return 2
+    except PeerStopped as e:  # another rank of the job went away: its own log says why
+        print(f"rlx: error: {e}", file=sys.stderr)
+        return 1
     except RunStopped as e:  # SIGTERM / SIGINT: after a checkpoint, or aborted by a second signal
         print(f"rlx: {e}", file=sys.stderr)
         return e.exit_code

@@ -34,6 +34,11 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> None:
         raise UserError(f"{what} '{path}' is not a writable directory ({reason}): choose another or fix its permissions") from None
 
 
+class PeerStopped(RuntimeError):
+    """Another rank of the same job, one this rank exchanges data with, has stopped (exited, crashed or
+    was killed). The CLI prints one line and exits with status 1; torchrun stops the remaining ranks."""
+
+
 class RunStopped(BaseException):
     """The run ended because of a signal (SIGTERM, SIGINT): after the current step and its
     checkpoint, or at once on a second signal. A BaseException, so that it unwinds through

@@ -89,10 +89,31 @@ class Config:
                 except ConfigError as e:
                     raise ConfigError(e.message, f"{name}.{e.key}" if e.key else name) from None
         check_critic(self.algorithm, self.critic)
+        self._check_placement()
         warn_cross_section(self.loss, self.rollout_correction)
         if self.algorithm.use_kl_in_reward and self.loss.kl_coef > 0:
             logger.warning("algorithm.use_kl_in_reward = true and loss.kl_coef > 0: the KL to the reference is "
                            "both in the reward and in the loss")  # fmt: skip
+
+    def _check_placement(self) -> None:
+        g = self.generator
+        if g.placement == "colocated":
+            for key, value in (("train.max_staleness", self.train.max_staleness), ("generator.num_ranks", g.num_ranks)):
+                if value != (0 if key == "train.max_staleness" else 1):
+                    raise ConfigError("is set, but generator.placement = 'colocated' (every rank generates, "
+                                      "synchronously); set generator.placement = 'separate'", key)  # fmt: skip
+            return
+        if g.num_ranks % g.tp:
+            raise ConfigError(f"{g.num_ranks} generator ranks do not split into engines of generator.tp = {g.tp}",
+                              "generator.num_ranks")  # fmt: skip
+        if self.sampler.type == "token_adaptive":
+            raise ConfigError("token_adaptive needs the trainer's forward on every rollout while it samples; with "
+                              "generator.placement = 'separate' the generator ranks hold no trainer model. Use "
+                              "placement = 'colocated'", "sampler.type")  # fmt: skip
+        if self.sampler.filtered.metric == "seq_final_reward" and self.algorithm.use_kl_in_reward:
+            raise ConfigError("seq_final_reward with use_kl_in_reward needs the policy and the reference while "
+                              "sampling; generator ranks hold neither. Use metric = 'seq_reward' or placement = "
+                              "'colocated'", "sampler.filtered.metric")  # fmt: skip
 
     def resolved(self) -> Config:
         """A copy with every "0 / empty / auto means X" field replaced by X, each substitution logged.

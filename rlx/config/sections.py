@@ -113,6 +113,10 @@ class GeneratorConfig:
     """Generation engine: vllm (large models, GPU serving kernels, prefix cache) or torch (rlx's own model code with a static KV cache, no engine overhead: faster for CPU and small-model runs; tp = 1 only)."""
     tp: int = ranged(1, ge=1)
     """Generator tensor-parallel degree, independent of parallel.tp."""
+    placement: Literal["colocated", "separate"] = "colocated"
+    """colocated: an engine in every trainer process, generation and training take turns; separate: the last num_ranks ranks of the launch only generate, overlapped with training (train.max_staleness)."""
+    num_ranks: int = ranged(1, ge=1)
+    """placement = separate: generator ranks (the last ones of the torchrun world; the rest train)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Generator weight dtype; auto means model.dtype."""
     n: int = ranged(8, ge=1)

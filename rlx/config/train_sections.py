@@ -210,6 +210,8 @@ class TrainConfig:
     """Validate once before the first step."""
     log_every: int = ranged(1, ge=1)
     """Emit metrics every N steps."""
+    max_staleness: int = ranged(0, ge=0)
+    """generator.placement = separate: step t trains on rollouts of policy version t - 1 - max_staleness (0: the synchronous schedule; 1: generation of step t + 1 overlaps training of step t)."""
 
 
 @dataclass

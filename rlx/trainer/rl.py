@@ -14,6 +14,8 @@ import os
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,7 +25,7 @@ from rlx.lifecycle import Lifecycle
 from rlx.trainer.policy import compute_logprobs
 from rlx.trainer.rl_setup import Stages, build_stages, gather_rollouts
 from rlx.trainer.rl_update import GlobalBatch, balance_by_tokens, gather_rows, seq_lengths
-from rlx.types import RolloutBatch
+from rlx.types import Rollout, RolloutBatch
 
 logger = logging.getLogger("rlx.train")
 
@@ -41,6 +43,68 @@ class Timer:
             yield
         finally:
             self.seconds[f"timing/{name}"] = self.seconds.get(f"timing/{name}", 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class SampledBatch:
+    """One step's global batch from the sampling side, with its metrics and phase timings."""
+
+    rollouts: list[Rollout]
+    metrics: dict[str, float]
+    seconds: dict[str, float]
+    generated_tokens: float
+
+
+def sample_batch(s: Any, step: int) -> SampledBatch:
+    """Generate, score and gather one step's global batch on the sampling side `s` (a `Stages` or a
+    `Sampling`: engine, generator_tokens, reward, stream, sampler, sampler_ctx). Collective over the
+    default process group (the ranks that generate)."""
+    timer = Timer()
+    s.engine.reseed(step)  # sampling depends on (seed, step), not on how the run got here
+    with timer("generate"):  # sampler: generation + reward (reward timed separately below)
+        local, metrics = s.sampler.sample(s.stream.take(s.sampler.num_prompts), s.sampler_ctx)
+    timer.seconds["timing/reward"] = s.reward.pop_seconds()
+    timer.seconds["timing/generate"] -= timer.seconds["timing/reward"]
+    # Reward failures of this step over all ranks: a reward that keeps failing stops the run here,
+    # before the update trains on its zeros (reward.max_failure_fraction / max_failed_steps).
+    reward_metrics = s.reward.metrics()
+    failures, scored = s.sampler_ctx.global_sum(reward_metrics.get("reward/failures", 0.0),
+                                                reward_metrics.get("reward/num_scored", 0.0))  # fmt: skip
+    reward_metrics.update(s.reward.end_step(failures, scored))
+    rollouts = gather_rollouts(local.rollouts, s)
+    metrics = s.sampler.global_metrics(rollouts, metrics)
+    metrics.update(reward_metrics)
+    metrics["generator/dropped_prompts"] = s.engine.metrics().get("generator/dropped_prompts", 0.0)
+    return SampledBatch(rollouts, metrics, timer.seconds, s.generator_tokens.pop())
+
+
+def validate(cfg: Config, s: Any) -> dict[str, float]:
+    """Mean reward and accuracy on the held-out prompts on the sampling side `s` (collective)."""
+    if s.val_prompts is None:
+        return {}
+    from rlx.data import batches, shard
+    from rlx.types import GenerationRequest
+
+    layout = s.engine.layout
+    mine = shard(s.val_prompts.prompts, layout.dp_index, layout.dp_size)
+    num_batches = math.ceil(math.ceil(len(s.val_prompts) / layout.dp_size) / cfg.data.val_batch_size)
+    sums = torch.zeros(3, dtype=torch.float64)  # score, acc, count
+    chunks = list(batches(mine, cfg.data.val_batch_size))
+    for k in range(num_batches):  # every rank makes the same number of (possibly collective) calls
+        prompts = chunks[k] if k < len(chunks) else []
+        requests = [GenerationRequest(p.prompt_ids, n=cfg.generator.val_n) for p in prompts]
+        outputs = s.generator_tokens.generate(requests, validation=True)
+        rollouts = [Rollout(p.prompt_ids, c.token_ids, c.logprobs, p.uid, finish_reason=c.finish_reason, prompt=p)
+                    for p, outs in zip(prompts, outputs) for c in outs]  # fmt: skip
+        results = s.reward.score(rollouts) if rollouts else []
+        if layout.tp_group_rank == 0:  # one engine replica counts once
+            for res in results:
+                sums += torch.tensor([res.score, res.extras.get("acc", float(res.score >= 1.0)), 1.0], dtype=torch.float64)
+    s.generator_tokens.pop()  # validation tokens are not training compute
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    score, acc, count = sums.tolist()
+    return {"val/reward": score / max(count, 1), "val/acc": acc / max(count, 1), "val/num_samples": count}
 
 
 def critic_batch_metrics(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -66,22 +130,15 @@ class RLTrainer:
         s, timer = self.s, Timer()
         start = time.perf_counter()
 
-        s.engine.reseed(step)  # sampling depends on (seed, step), not on how the run got here
-        with timer("generate"):  # sampler: generation + reward (reward timed separately below)
-            local, metrics = s.sampler.sample(s.stream.take(s.sampler.num_prompts), s.sampler_ctx)
-        timer.seconds["timing/reward"] = s.reward.pop_seconds()
-        timer.seconds["timing/generate"] -= timer.seconds["timing/reward"]
-        # Reward failures of this step over all ranks: a reward that keeps failing stops the run here,
-        # before the update trains on its zeros (reward.max_failure_fraction / max_failed_steps).
-        reward_metrics = s.reward.metrics()
-        failures, scored = s.sampler_ctx.global_sum(reward_metrics.get("reward/failures", 0.0),
-                                                    reward_metrics.get("reward/num_scored", 0.0))  # fmt: skip
-        reward_metrics.update(s.reward.end_step(failures, scored))
-        s.engine.sleep()  # GPU: free the engine's memory for the update (no-op on CPU)
+        if s.remote is None:
+            sampled = sample_batch(s, step)
+            s.engine.sleep()  # GPU: free the engine's memory for the update (no-op on CPU)
+        else:  # generated on the generator ranks (with policy version step - 1 - max_staleness)
+            sampled = s.remote.next_batch(step)
+        rollouts, metrics = sampled.rollouts, dict(sampled.metrics)
+        timer.seconds.update(sampled.seconds)
 
         # Every rank holds the global batch; each DP rank trains on a token-balanced share.
-        rollouts = gather_rollouts(local.rollouts, s)
-        metrics = s.sampler.global_metrics(rollouts, metrics)
         batch = RolloutBatch(rollouts).to_tensors()
         shares = balance_by_tokens(seq_lengths(rollouts), s.dims.dp_size)
         mine = [rollouts[i] for i in shares[s.dims.dp_rank]]
@@ -124,13 +181,14 @@ class RLTrainer:
                 metrics.update(s.updater.update(g, plan))
                 s.scheduler.step()
         with timer("weight_sync"):
-            s.engine.wake_up()
-            if update_actor:  # (a frozen policy has nothing new to send)
-                metrics.update(s.weight_sync.push(s.model, version=step))
+            if s.remote is not None:  # every version goes out: the generator ranks follow the step count
+                metrics.update(s.remote.push(s.model, step, validate=self._validates(step)))
+            else:
+                s.engine.wake_up()
+                if update_actor:  # (a frozen policy has nothing new to send)
+                    metrics.update(s.weight_sync.push(s.model, version=step))
 
-        metrics.update(self._batch_metrics(rollouts, g, s.generator_tokens.pop()))
-        metrics.update(reward_metrics)
-        metrics["generator/dropped_prompts"] = s.engine.metrics().get("generator/dropped_prompts", 0.0)
+        metrics.update(self._batch_metrics(rollouts, g, sampled.generated_tokens))
         metrics.update(timer.seconds)
         metrics["timing/step"] = time.perf_counter() - start
         metrics["perf/tokens_per_s"] = metrics["perf/num_tokens"] / max(metrics["timing/step"], 1e-9)
@@ -172,33 +230,15 @@ class RLTrainer:
     # ---- validation --------------------------------------------------------------------------
 
     def validate(self) -> dict[str, float]:
-        """Mean reward and accuracy on the held-out prompts (`generator.val_temperature`, `val_n`)."""
-        s = self.s
-        if s.val_prompts is None:
-            return {}
-        from rlx.data import batches, shard
-        from rlx.types import GenerationRequest, Rollout
+        """Mean reward and accuracy on the held-out prompts (`generator.val_temperature`, `val_n`). With
+        separate generator ranks: the results that have arrived (see RemoteGenerator.take_validation)."""
+        if self.s.remote is not None:
+            return self.s.remote.take_validation(wait=True)
+        return validate(self.cfg, self.s)
 
-        layout = s.engine.layout
-        mine = shard(s.val_prompts.prompts, layout.dp_index, layout.dp_size)
-        num_batches = math.ceil(math.ceil(len(s.val_prompts) / layout.dp_size) / self.cfg.data.val_batch_size)
-        sums = torch.zeros(3, dtype=torch.float64)  # score, acc, count
-        chunks = list(batches(mine, self.cfg.data.val_batch_size))
-        for k in range(num_batches):  # every rank makes the same number of (possibly collective) calls
-            prompts = chunks[k] if k < len(chunks) else []
-            requests = [GenerationRequest(p.prompt_ids, n=self.cfg.generator.val_n) for p in prompts]
-            outputs = s.generator_tokens.generate(requests, validation=True)
-            rollouts = [Rollout(p.prompt_ids, c.token_ids, c.logprobs, p.uid, finish_reason=c.finish_reason, prompt=p)
-                        for p, outs in zip(prompts, outputs) for c in outs]  # fmt: skip
-            results = s.reward.score(rollouts) if rollouts else []
-            if layout.tp_group_rank == 0:  # one engine replica counts once
-                for res in results:
-                    sums += torch.tensor([res.score, res.extras.get("acc", float(res.score >= 1.0)), 1.0], dtype=torch.float64)
-        s.generator_tokens.pop()  # validation tokens are not training compute
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-        score, acc, count = sums.tolist()
-        return {"val/reward": score / max(count, 1), "val/acc": acc / max(count, 1), "val/num_samples": count}
+    def _validates(self, step: int) -> bool:
+        every = self.cfg.train.val_every
+        return bool(every) and (step % every == 0 or step == self.cfg.train.steps)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -214,7 +254,9 @@ class RLTrainer:
                 s.logger.log(final, step=0)
         for step in range(s.start_step + 1, last + 1):
             metrics = self.step(step)
-            if cfg.train.val_every and (step % cfg.train.val_every == 0 or step == last):
+            if s.remote is not None:  # results of earlier versions, as they arrive (val/version says which)
+                metrics.update(s.remote.take_validation(wait=step == last and self._validates(step)))
+            elif self._validates(step):
                 metrics.update(self.validate())
             if step % cfg.train.log_every == 0 or step == last:
                 s.logger.log(metrics, step=step)
@@ -224,7 +266,8 @@ class RLTrainer:
             save_now = stopping and cfg.checkpoint.enable and cfg.checkpoint.save_on_signal
             saved = None
             if s.checkpointer.should_save(step, last) or save_now:
-                data = {"stream": s.stream.state_dict(), "total_generated_tokens": self.total_generated_tokens}
+                data = {"total_generated_tokens": self.total_generated_tokens}
+                data.update(s.remote.state_dict(step) if s.remote is not None else {"stream": s.stream.state_dict()})
                 if s.kl_ctrl is not None:
                     data["kl_ctrl"] = s.kl_ctrl.state_dict()
                 saved = s.checkpointer.save(step, data)
@@ -243,7 +286,16 @@ class RLTrainer:
 def run(cfg: Config, life: Lifecycle | None = None) -> dict[str, float]:
     """Train with an already resolved config; returns the last step's metrics. With an entered
     `Lifecycle`, SIGTERM/SIGINT stop the run after a step and raise `RunStopped`."""
-    trainer = RLTrainer(cfg, build_stages(cfg), life)
+    placement = None
+    if cfg.generator.placement == "separate":  # this rank trains or generates, by its place in the world
+        from rlx.placement import split_world
+
+        placement = split_world(cfg.generator.num_ranks, cfg.parallel.backend)
+        if placement.role == "generator":
+            from rlx.trainer.generator_worker import run_generator
+
+            return run_generator(cfg, placement)
+    trainer = RLTrainer(cfg, build_stages(cfg, placement=placement), life)
     try:
         return trainer.fit()
     finally:

@@ -96,6 +96,50 @@ class TimedScorer:
 
 
 @dataclass
+class Sampling:
+    """The rollout side of a run: engine, reward, data stream, sampler and its context. Colocated, it
+    lives in every trainer process (and its fields are copied into `Stages`); with
+    `generator.placement = "separate"` it is all a generator rank builds (rlx/trainer/generator_worker.py)."""
+
+    engine: Any
+    generator_tokens: CountingGenerator
+    reward: TimedScorer
+    stream: Any
+    val_prompts: Any
+    sampler: Any
+    sampler_ctx: SamplerContext
+
+
+def build_sampling(cfg: Config, inputs: Any, hf_dir: str, *, engine: Any = None, reward_scorer: Any = None,
+                   token_stats: Any = None, final_rewards: Any = None) -> Sampling:  # fmt: skip
+    """Engine (unless given), reward, this rank's data stream and the sampler, each from its section.
+    The sampler's collectives (`all_reduce_sum`) run over the default process group, i.e. the ranks
+    that generate."""
+    if engine is None:
+        engine = build_generator(cfg.generator, hf_dir, max_prompt_length=cfg.data.max_prompt_length)
+    counting = CountingGenerator(engine)
+    reward = TimedScorer(reward_scorer if reward_scorer is not None else build_reward(cfg.reward, inputs.tokenizer))
+    layout = engine.layout
+    stream = make_stream(inputs.train, cfg.data, dp_rank=layout.dp_index, dp_size=layout.dp_size, seed=cfg.job.seed)
+    per_rank = lambda n: n // layout.dp_size  # noqa: E731
+    sampler = build_sampler(cfg.sampler, n=cfg.generator.n, temperature=cfg.generator.temperature,
+                            train_batch_size=per_rank(cfg.data.train_batch_size),
+                            gen_batch_size=per_rank(cfg.data.gen_batch_size), max_tokens=cfg.generator.max_tokens)  # fmt: skip
+
+    def all_reduce_sum(values: list[float]) -> list[float]:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        # Ranks of one generator TP group hold the same data: count each replica once.
+        return (t / engine.layout.tp).tolist()
+
+    ctx = SamplerContext(counting, reward, token_stats=token_stats, all_reduce_sum=all_reduce_sum,
+                         next_prompts=stream.take, final_rewards=final_rewards)  # fmt: skip
+    return Sampling(engine, counting, reward, stream, inputs.val, sampler, ctx)
+
+
+@dataclass
 class Stages:
     """Everything one RL run holds (see build_stages for how each is made)."""
 
@@ -128,12 +172,18 @@ class Stages:
     """The value model and its update (algorithm.adv_estimator = "gae"), else None."""
     kl_ctrl: KLController | None = None
     """The in-reward KL coefficient (algorithm.use_kl_in_reward), else None."""
+    remote: Any = None
+    """generator.placement = "separate": the trainer's end of the generator ranks (RemoteGenerator); the
+    sampling fields above are then None."""
 
     def close(self) -> None:
         self.checkpointer.close()
         self.logger.close()
-        self.reward.close()
-        self.engine.shutdown()  # before the process group goes (FINDINGS.md)
+        if self.remote is not None:
+            self.remote.close()
+        else:
+            self.reward.close()
+            self.engine.shutdown()  # before the process group goes (FINDINGS.md)
         distributed.teardown_distributed()
 
 
@@ -159,9 +209,11 @@ def _weights_source(cfg: Config) -> tuple[str, str | None]:
     return cfg.model.path, init
 
 
-def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) -> Stages:
+def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None, placement: Any = None) -> Stages:
     """Every stage of a run from the resolved config, each from its own section. `engine` and
-    `reward_scorer` replace the vLLM engine and the reward pool (tests pass scripted fakes)."""
+    `reward_scorer` replace the vLLM engine and the reward pool (tests pass scripted fakes). With a
+    `placement` (generator.placement = "separate", this rank a trainer) no sampling stage is built here:
+    the generator ranks run it, and `Stages.remote` talks to them."""
     # Everything that needs no model first: a bad path, file, record, reward or sampler fails in
     # seconds, before the process group, the policy and the engine are built.
     inputs = check_run_inputs(cfg)
@@ -203,37 +255,18 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
         kl_ctrl = build_kl_controller(k.type, k.kl_coef, k.target_kl, k.horizon)
 
     tokenizer = inputs.tokenizer
-    if engine is None:
-        engine = build_generator(cfg.generator, hf_dir, max_prompt_length=cfg.data.max_prompt_length)
-    counting = CountingGenerator(engine)
-    reward = TimedScorer(reward_scorer if reward_scorer is not None else build_reward(cfg.reward, tokenizer))
-
-    layout = engine.layout
-    stream = make_stream(inputs.train, cfg.data, dp_rank=layout.dp_index, dp_size=layout.dp_size, seed=cfg.job.seed)
-    val_prompts = inputs.val
-    per_rank = lambda n: n // layout.dp_size  # noqa: E731
-    sampler = build_sampler(cfg.sampler, n=cfg.generator.n, temperature=cfg.generator.temperature,
-                            train_batch_size=per_rank(cfg.data.train_batch_size),
-                            gen_batch_size=per_rank(cfg.data.gen_batch_size), max_tokens=cfg.generator.max_tokens)  # fmt: skip
 
     def token_stats(rollouts: Sequence[Rollout]):
         return compute_token_stats(model, rollouts, device=device, token_budget=cfg.loss.micro_batch_tokens,
                                    temperature=cfg.generator.temperature, chunk_size=cfg.loss.logprob_chunk_size,
                                    dp_group=dp_group, backend=cfg.loss.logprob_backend)  # fmt: skip
 
-    def all_reduce_sum(values: list[float]) -> list[float]:
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        # Ranks of one generator TP group hold the same data: count each replica once.
-        return (t / engine.layout.tp).tolist()
-
     if cfg.sampler.type == "token_adaptive" and dims.tp > 1 and cfg.generator.tp != dims.tp:
         from rlx.errors import UserError
 
         raise UserError("sampler.type = 'token_adaptive' runs the trainer's forward on each rank's rollouts: with "
                         "parallel.tp > 1 set generator.tp equal to parallel.tp so TP ranks hold the same rollouts")
+
     def final_rewards(rollouts: Sequence[Rollout]) -> list[float]:
         """Each rollout's reward after the in-reward KL penalty at the current beta (the filtered
         sampler's seq_final_reward): score - beta * sum_t KL_t under the policy and the reference now."""
@@ -248,8 +281,15 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
                                       cfg.algorithm.kl_penalty)  # fmt: skip
         return rewards.sum(-1).tolist()
 
-    ctx = SamplerContext(counting, reward, token_stats=token_stats, all_reduce_sum=all_reduce_sum,
-                         next_prompts=stream.take, final_rewards=final_rewards if kl_ctrl is not None else None)  # fmt: skip
+    sampling = remote = None
+    if placement is None:
+        sampling = build_sampling(cfg, inputs, hf_dir, engine=engine, reward_scorer=reward_scorer,
+                                  token_stats=token_stats,
+                                  final_rewards=final_rewards if kl_ctrl is not None else None)  # fmt: skip
+    else:
+        from rlx.trainer.remote import RemoteGenerator
+
+        remote = RemoteGenerator(placement, cfg)
 
     advantage = build_advantage(cfg.algorithm)
     loss = build_loss(cfg.loss, cfg.rollout_correction)
@@ -259,23 +299,31 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None) 
     checkpointer = Checkpointer(cfg.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, generator=rng,
                                 hf_dir=hf_dir, run_dir=str(run_dir),
                                 critic=None if critic is None else (critic.model, critic.optimizer, critic.scheduler))  # fmt: skip
-    weight_sync = WeightSync(engine)
+    weight_sync = WeightSync(sampling.engine) if sampling is not None else None
     start_step, resume_data = 0, {}
     if dcp_init is not None:
         from rlx.checkpoint import load_model_weights
 
         load_model_weights(dcp_init, model)
-        weight_sync.push(model, version=0)
+        if weight_sync is not None:
+            weight_sync.push(model, version=0)
     state = checkpointer.maybe_resume()
     if state is not None:
         start_step, resume_data = state.step, state.data
-        stream.load_state_dict(state.data["stream"])
+        if sampling is not None:
+            sampling.stream.load_state_dict(state.data["stream"])
+            weight_sync.push(model, version=start_step)
         if kl_ctrl is not None and "kl_ctrl" in state.data:
             kl_ctrl.load_state_dict(state.data["kl_ctrl"])
-        weight_sync.push(model, version=start_step)
         logger.info("resumed from %s at step %d", state.path, start_step)
+    if remote is not None:  # the generator ranks start from these weights and this data position
+        remote.start(model, start_step, resume_data)
     metric_logger = MetricLogger(str(run_dir), cfg.logging, config_dict=cfg.to_dict(), rank=rank,
                                  total_steps=cfg.train.steps)  # fmt: skip
-    return Stages(cfg, device, dims, dp_group, model, ref_model, optimizer, scheduler, rng, tokenizer, engine,
-                  counting, weight_sync, reward, stream, val_prompts, sampler, ctx, advantage, loss, updater,
-                  checkpointer, metric_logger, start_step, resume_data, critic, kl_ctrl)  # fmt: skip
+    sampling_fields = [getattr(sampling, f) if sampling is not None else None
+                       for f in ("engine", "generator_tokens")]  # fmt: skip
+    rest = [getattr(sampling, f) if sampling is not None else None
+            for f in ("reward", "stream", "val_prompts", "sampler", "sampler_ctx")]  # fmt: skip
+    return Stages(cfg, device, dims, dp_group, model, ref_model, optimizer, scheduler, rng, tokenizer, *sampling_fields,
+                  weight_sync, *rest, advantage, loss, updater, checkpointer, metric_logger, start_step, resume_data,
+                  critic, kl_ctrl, remote)  # fmt: skip

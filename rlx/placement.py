@@ -1,0 +1,129 @@
+"""Where the generator runs: colocated in the trainer's processes, or on separate ranks of the same launch.
+
+`generator.placement = "separate"` splits one torchrun world by config: ranks [0, T) train (their own
+default process group: the FSDP x TP mesh is built inside it exactly as in a colocated run), ranks
+[T, T + G) generate (their own default group: vLLM's external launcher sees a world of G ranks, as a
+colocated engine sees the trainer's world). G = `generator.num_ranks`, T = world - G. Both groups come
+from one rendezvous store (torchrun's), under different prefixes, so neither side has to take part in
+the other's collectives.
+
+Trainer and generator ranks talk over two more gloo groups spanning the whole world, built straight
+from the store (never registered as torch.distributed groups, so no rank has to join their creation):
+`rollouts` (generator -> trainer batches and validation results; trainer -> generator start messages)
+and `weights` (trainer -> generator weight shards, received on the generator by a background thread,
+so a trainer's send never waits for a generation batch to finish). Messages are JSON (data, never
+code) or flat tensors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlx.errors import PeerStopped, UserError
+
+ROLES = ("trainer", "generator")
+_TAG_SIZE, _TAG_DATA = 0, 1
+
+
+class ChannelClosed(PeerStopped):
+    """The rank on the other side of a channel stopped (exited, crashed or was killed)."""
+
+
+class Channel:
+    """Point-to-point messages between global ranks over one raw gloo process group (all ranks)."""
+
+    def __init__(self, pg: dist.ProcessGroup, name: str):
+        self.pg, self.name = pg, name
+
+    def _wait(self, work, peer: int, what: str) -> None:
+        try:
+            work.wait()
+        except RuntimeError as e:
+            reason = "connection closed" if "closed" in str(e).lower() else str(e).splitlines()[0][:200]
+            raise ChannelClosed(f"rank {peer} of this job stopped ({reason} while {what} on the {self.name} "
+                                f"channel); its own log says why") from None
+
+    def send_tensor(self, tensor: torch.Tensor, dst: int) -> None:
+        self._wait(self.pg.send([tensor.contiguous()], dst, _TAG_DATA), dst, "sending to it")
+
+    def recv_tensor(self, out: torch.Tensor, src: int) -> torch.Tensor:
+        self._wait(self.pg.recv([out], src, _TAG_DATA), src, "receiving from it")
+        return out
+
+    def send_object(self, obj: Any, dst: int) -> None:
+        """A JSON-serializable object (tuples become lists; see `encode`)."""
+        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        self._wait(self.pg.send([torch.tensor([data.numel()], dtype=torch.long)], dst, _TAG_SIZE), dst, "sending to it")
+        self.send_tensor(data, dst)
+
+    def recv_object(self, src: int) -> Any:
+        size = torch.zeros(1, dtype=torch.long)
+        self._wait(self.pg.recv([size], src, _TAG_SIZE), src, "receiving from it")
+        data = self.recv_tensor(torch.empty(int(size), dtype=torch.uint8), src)
+        return json.loads(data.numpy().tobytes().decode())
+
+
+@dataclass
+class Placement:
+    """This process's role in a separate-placement run and its channels."""
+
+    role: str
+    global_rank: int
+    world_size: int
+    num_trainers: int
+    num_generators: int
+    rollouts: Channel
+    weights: Channel
+
+    @property
+    def trainer_ranks(self) -> list[int]:
+        return list(range(self.num_trainers))
+
+    @property
+    def generator_ranks(self) -> list[int]:
+        return list(range(self.num_trainers, self.world_size))
+
+    @property
+    def role_rank(self) -> int:
+        """This rank's index within its role's own process group."""
+        return self.global_rank - (0 if self.role == "trainer" else self.num_trainers)
+
+
+def split_world(num_generators: int, backend: str, timeout_s: float = 1800.0) -> Placement:
+    """Rendezvous with torchrun, initialize this role's default process group and the two channels.
+
+    Must run before anything else touches torch.distributed (rlx.distributed.init_distributed then
+    finds the role's group initialized). RANK / WORLD_SIZE are rewritten to the role's own values, so
+    code that reads them (vLLM's external launcher, rank-0 logging) sees its role's world."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UserError("generator.placement = 'separate' needs several ranks from one launch: run under torchrun "
+                        "(launch/torchrun.sh, launch/slurm.sbatch) with generator.num_ranks generator ranks "
+                        "plus at least one trainer rank")  # fmt: skip
+    world = int(os.environ["WORLD_SIZE"])
+    if not 1 <= num_generators < world:
+        raise UserError(f"generator.placement = 'separate' with generator.num_ranks = {num_generators} needs a "
+                        f"world of at least {num_generators + 1} ranks (torchrun --nproc_per_node x nodes), got "
+                        f"{world}")  # fmt: skip
+    if dist.is_initialized():
+        raise RuntimeError("split_world must run before the default process group is initialized")
+    store, rank, world = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=timeout_s)))
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    trainers = world - num_generators
+    role = "trainer" if rank < trainers else "generator"
+    role_rank, role_size = (rank, trainers) if role == "trainer" else (rank - trainers, num_generators)
+    from rlx.distributed import resolve_backend
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(resolve_backend(backend), store=dist.PrefixStore(f"rlx/{role}", store), rank=role_rank,
+                            world_size=role_size, timeout=timeout)  # fmt: skip
+    channels = [Channel(dist.ProcessGroupGloo(dist.PrefixStore(f"rlx/{name}", store), rank, world, timeout), name)
+                for name in ("rollouts", "weights")]  # fmt: skip
+    os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(role_size), RLX_ROLE=role)
+    return Placement(role, rank, world, trainers, num_generators, *channels)
