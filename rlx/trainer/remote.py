@@ -119,15 +119,13 @@ class RemoteGenerator:
         return send_weights(model, self.p.weights, self.p.generator_ranks, version,
                             flags={"validate": validate, "stop": stop})  # fmt: skip
 
-    def take_validation(self, wait: bool = True) -> dict[str, float]:
-        """The newest validation result that has arrived (earlier unreported ones go to the log), after
-        waiting for every requested one when `wait`."""
+    def take_validation(self, wait: bool = True) -> list[dict[str, float]]:
+        """The validation results that have arrived since the last call, oldest first (each with
+        `val/version`, the step whose weights it measured); with `wait`, every requested one."""
         while wait and self.received < self.requested:
             self._receive()
         results, self.results = self.results, []
-        for older in results[:-1]:
-            logger.info("validation of policy version %d: %s", int(older["val/version"]), older)
-        return results[-1] if results else {}
+        return results
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """What a checkpoint after `step` needs: the batches of steps step+1 .. step+k (waiting for them)

@@ -233,7 +233,8 @@ class RLTrainer:
         """Mean reward and accuracy on the held-out prompts (`generator.val_temperature`, `val_n`). With
         separate generator ranks: the results that have arrived (see RemoteGenerator.take_validation)."""
         if self.s.remote is not None:
-            return self.s.remote.take_validation(wait=True)
+            results = self.s.remote.take_validation(wait=True)
+            return results[-1] if results else {}
         return validate(self.cfg, self.s)
 
     def _validates(self, step: int) -> bool:
@@ -255,7 +256,10 @@ class RLTrainer:
         for step in range(s.start_step + 1, last + 1):
             metrics = self.step(step)
             if s.remote is not None:  # results of earlier versions, as they arrive (val/version says which)
-                metrics.update(s.remote.take_validation(wait=step == last and self._validates(step)))
+                results = s.remote.take_validation(wait=step == last and self._validates(step))
+                for older in results[:-1]:  # (rare: val_every <= max_staleness + 1) a record of their own
+                    s.logger.log(older, step=step)
+                metrics.update(results[-1] if results else {})
             elif self._validates(step):
                 metrics.update(self.validate())
             if step % cfg.train.log_every == 0 or step == last:
