@@ -106,6 +106,13 @@ class Config:
         if g.num_ranks % g.tp:
             raise ConfigError(f"{g.num_ranks} generator ranks do not split into engines of generator.tp = {g.tp}",
                               "generator.num_ranks")  # fmt: skip
+        rc = self.rollout_correction
+        if self.train.max_staleness > 0 and not (rc.rollout_is or rc.rollout_rs or rc.bypass_mode):
+            logger.warning("train.max_staleness = %d without rollout correction: every step trains on rollouts of an "
+                           "older policy with no importance weights, a biased gradient (the quickstart task measured "
+                           "0.515 held-out accuracy after 25 steps against 0.685 with rollout_correction.rollout_is = "
+                           "'token' and 0.69 synchronous). Set rollout_correction.rollout_is (or bypass_mode = true)",
+                           self.train.max_staleness)  # fmt: skip
         if self.sampler.type == "token_adaptive":
             raise ConfigError("token_adaptive needs the trainer's forward on every rollout while it samples; with "
                               "generator.placement = 'separate' the generator ranks hold no trainer model. Use "
