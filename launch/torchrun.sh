@@ -14,6 +14,9 @@
 # or, without node ranks, with the elastic c10d rendezvous (what launch/slurm.sbatch uses):
 #   RDZV_BACKEND=c10d RDZV_ID=myjob NNODES=2 MASTER_ADDR=node0 launch/torchrun.sh CONFIG.toml  # on each node
 #
+# Separate generator ranks (generator.placement = "separate"): the same launch; the last
+# generator.num_ranks ranks of the world generate, the others train (README "Asynchronous generation").
+#
 # Environment:
 #   NPROC_PER_NODE  processes (= GPUs) per node; default: visible GPUs, else 1
 #   NNODES          number of nodes (1)
