@@ -36,6 +36,17 @@ def assert_same(a: dict, b: dict, step: int) -> None:
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"step {step}: {key} {a[key]} != {b[key]}"
 
 
+def kill_after_a_checkpoint(cmd: list[str], run_dir: Path, env: dict) -> None:
+    """Start `cmd` and SIGKILL it as soon as its first checkpoint is complete."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not any((p / "COMPLETE").exists() for p in (run_dir / "checkpoints").glob("step-*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_resume_after_stop_and_after_sigkill_matches_uninterrupted(tiny_model, tiny_jsonl, parity_reward_dir, tmp_path):
     model, env = tiny_model("qwen3"), train_env(parity_reward_dir)
     run = lambda *cmd: subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=600)  # noqa: E731
@@ -56,15 +67,7 @@ def test_resume_after_stop_and_after_sigkill_matches_uninterrupted(tiny_model, t
         assert_same(after[step], reference[step], step)
 
     # SIGKILL as soon as a checkpoint exists, then resume from the latest complete one.
-    proc = subprocess.Popen(train_cmd(model, tiny_jsonl, tmp_path, "killed", 4), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while not any((p / "COMPLETE").exists() for p in ckpts.glob("step-*")) and proc.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_a_checkpoint(train_cmd(model, tiny_jsonl, tmp_path, "killed", 4), tmp_path / "killed", env)
     again = run(*train_cmd(model, tiny_jsonl, tmp_path, "killed", 4))  # checkpoint.resume = "auto"
     assert again.returncode == 0, again.stderr[-3000:]
     killed = by_step(read_metrics(tmp_path / "killed"))
@@ -93,15 +96,7 @@ def test_critic_run_resumes_after_sigkill_like_uninterrupted(tiny_model, tiny_js
     betas = [reference[s]["actor/reward_kl_penalty_coeff"] for s in (1, 2, 3, 4)]
     assert len(set(betas)) == 4, f"the adaptive beta must move every step: {betas}"
 
-    proc = subprocess.Popen(train_cmd(model, tiny_jsonl, tmp_path, "killed", 4, *critic), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while not any((p / "COMPLETE").exists() for p in ckpts.glob("step-*")) and proc.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_a_checkpoint(train_cmd(model, tiny_jsonl, tmp_path, "killed", 4, *critic), tmp_path / "killed", env)
     again = run(*train_cmd(model, tiny_jsonl, tmp_path, "killed", 4, *critic))
     assert again.returncode == 0, again.stderr[-3000:]
     killed = by_step(read_metrics(tmp_path / "killed"))

@@ -32,7 +32,7 @@ from rlx.trainer.rl_update import PolicyUpdater
 from rlx.trainer.train_step import build_lr_scheduler
 from rlx.types import RolloutBatch
 from tests.fakes import FakeReward
-from tests.unit.test_rl_step import MAX_TOKENS, N, PROMPTS, TEMPERATURE, PolicyEngine, naive_logprobs, varied_reward
+from tests.unit.test_rl_step import N, PROMPTS, TEMPERATURE, PolicyEngine, fake_run_config, naive_logprobs, varied_reward
 
 LR, CRITIC_LR, GAMMA, LAM = 0.5, 0.3, 0.9, 0.8
 
@@ -40,22 +40,7 @@ LR, CRITIC_LR, GAMMA, LAM = 0.5, 0.3, 0.9, 0.8
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Stages of a GAE run with KL in the reward (adaptive controller), a fake engine and reward."""
-    from rlx.models.tiny import make_tiny
-
-    root = tmp_path_factory.mktemp("critic_step")
-    model_dir = make_tiny(root / "model", arch="qwen3", char_level=True, hidden_size=64, num_heads=2, num_kv_heads=1,
-                          intermediate_size=128)  # fmt: skip
-    data = root / "prompts.jsonl"
-    data.write_text("".join(f'{{"prompt": "{a}+{b}=", "answer": "{a + b}"}}\n' for a, b in
-                            [(12, 34), (7, 8), (20, 22), (3, 4), (15, 15), (9, 1), (40, 2), (11, 11)]))  # fmt: skip
-    cfg = Config()
-    cfg.job.output_dir, cfg.job.name = str(root / "runs"), "critic"
-    cfg.model.path, cfg.model.use_chat_template = str(model_dir), False
-    cfg.data.train_files, cfg.data.train_batch_size, cfg.data.max_prompt_length = [str(data)], PROMPTS, 32
-    cfg.generator.n, cfg.generator.max_tokens, cfg.generator.temperature = N, MAX_TOKENS, TEMPERATURE
-    cfg.checkpoint.enable, cfg.checkpoint.resume = False, "none"
-    cfg.logging.console = cfg.logging.jsonl = cfg.logging.progress_bar = False
-    cfg.train.steps, cfg.train.val_every, cfg.train.val_before_train = 3, 0, False
+    cfg, model_dir = fake_run_config(tmp_path_factory.mktemp("critic_step"), "critic", steps=3)
     cfg.optim.lr, cfg.optim.grad_clip = LR, 1.0
     cfg.loss.micro_batch_tokens, cfg.loss.logprob_chunk_size = 40, 5  # several micro-batches per step
     cfg.algorithm.adv_estimator, cfg.algorithm.gamma, cfg.algorithm.lam = "gae", GAMMA, LAM

@@ -99,25 +99,31 @@ def varied_reward(rollout) -> float:
     return float(sum(rollout.response_ids) % 5) / 4.0
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One set of built stages (tiny model, data, fake engine and reward), shared by every case."""
+def fake_run_config(root, name: str, steps: int):
+    """A tiny char-level Qwen3 under `root` and a Config for a few steps of it on addition prompts with
+    the fake engine (no checkpoints, no validation, no sinks); returns (config, model directory)."""
     from rlx.models.tiny import make_tiny
 
-    root = tmp_path_factory.mktemp("rl_step")
     model_dir = make_tiny(root / "model", arch="qwen3", char_level=True, hidden_size=64, num_heads=2, num_kv_heads=1,
-                          intermediate_size=128)
+                          intermediate_size=128)  # fmt: skip
     data = root / "prompts.jsonl"
     data.write_text("".join(f'{{"prompt": "{a}+{b}=", "answer": "{a + b}"}}\n' for a, b in
                             [(12, 34), (7, 8), (20, 22), (3, 4), (15, 15), (9, 1), (40, 2), (11, 11)]))  # fmt: skip
     cfg = Config()
-    cfg.job.output_dir, cfg.job.name = str(root / "runs"), "step"
+    cfg.job.output_dir, cfg.job.name = str(root / "runs"), name
     cfg.model.path, cfg.model.use_chat_template = str(model_dir), False
     cfg.data.train_files, cfg.data.train_batch_size, cfg.data.max_prompt_length = [str(data)], PROMPTS, 32
     cfg.generator.n, cfg.generator.max_tokens, cfg.generator.temperature = N, MAX_TOKENS, TEMPERATURE
     cfg.checkpoint.enable, cfg.checkpoint.resume = False, "none"
     cfg.logging.console = cfg.logging.jsonl = cfg.logging.progress_bar = False
-    cfg.train.steps, cfg.train.val_every, cfg.train.val_before_train = 2, 0, False
+    cfg.train.steps, cfg.train.val_every, cfg.train.val_before_train = steps, 0, False
+    return cfg, model_dir
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One set of built stages (tiny model, data, fake engine and reward), shared by every case."""
+    cfg, model_dir = fake_run_config(tmp_path_factory.mktemp("rl_step"), "step", steps=2)
     cfg.optim.lr, cfg.optim.grad_clip = LR, 1.0
     cfg.loss.micro_batch_tokens = 40  # several micro-batches per step: per-micro-batch correction must merge
     cfg.loss.logprob_chunk_size = 5
