@@ -7,12 +7,15 @@ run by run) and `rlx_over_trl`; with `--shape large` the FLOP floor at the matmu
 in the same run; with `--background-load K` the slowdown beside K busy-looping processes.
 
     python benchmarks/e2e_step.py [--shape default|large] [--dtype fp32|bf16] [--peer trl]
-                                  [--backend vllm|torch|both] [--background-load 1] [--rounds 1]
-                                  [--measured N]
+                                  [--backend vllm|torch|both] [--placement colocated|separate|both]
+                                  [--background-load 1] [--rounds 1] [--measured N]
 
 `--backend` picks rlx's generator (`generator.backend`); `both` runs rlx once per backend in the
 same invocation (results `rlx_vllm`, `rlx_torch`), so their ratios to each other and to TRL share
-one machine state.
+one machine state. `--placement separate` runs rlx on 1 trainer rank + 1 generator rank under
+torchrun (one thread each, `train.max_staleness = 1`): results `rlx_separate` with
+`step_over_max_phase` (step time over the slower of generation and training, in the same run) and
+`rlx_separate_over_colocated` with `--placement both`.
 
 A/B experiments: `--env KEY=VALUE` (rlx worker's environment), `--peer-env KEY=VALUE`,
 `--rlx-set section.key=JSON` (set on rlx's resolved config), `--rlx-src DIR` (another checkout's
@@ -107,10 +110,19 @@ def worker_rlx(work: Path, shape: str, dtype: str, measured: int, settings: list
         setattr(getattr(cfg, section), name, json.loads(value))
     backend = getattr(cfg.generator, "backend", "vllm")
     start = time.perf_counter()
+    placement = None
+    if getattr(cfg.generator, "placement", "colocated") == "separate":  # under torchrun: this rank's role
+        from rlx.placement import split_world
+        from rlx.trainer.generator_worker import run_generator
+
+        placement = split_world(cfg.generator.num_ranks, cfg.parallel.backend)
+        if placement.role == "generator":
+            run_generator(cfg, placement)
+            return None
     if "stages" in inspect.signature(RLTrainer).parameters:
         from rlx.trainer.rl_setup import build_stages
 
-        trainer = RLTrainer(cfg, build_stages(cfg))
+        trainer = RLTrainer(cfg, build_stages(cfg, placement=placement) if placement else build_stages(cfg))
     else:  # rlx before the stages were passed in
         trainer = RLTrainer(cfg)
     build = time.perf_counter() - start
@@ -119,7 +131,8 @@ def worker_rlx(work: Path, shape: str, dtype: str, measured: int, settings: list
         for step in range(1, s["warmup"] + s["measured"] + 1):
             m = trainer.step(step)
             row = {p: m.get(f"timing/{p}", 0.0) for p in PHASES}
-            row.update(step=m["timing/step"], generated_tokens=m["perf/generated_tokens"], reward_mean=m["reward/mean"])
+            row.update(step=m["timing/step"], generated_tokens=m["perf/generated_tokens"], reward_mean=m["reward/mean"],
+                       trainer_wait=m.get("async/trainer_wait_s", 0.0))  # fmt: skip
             steps.append(row)
     finally:
         trainer.close()
@@ -219,7 +232,11 @@ def run_worker(python: str, kind: str, work: Path, args, env_extra: dict[str, st
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
            "WANDB_MODE": "offline", "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
            **env_extra}  # fmt: skip
-    cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(work), "--shape", args.shape,
+    launcher = [python]
+    if any(item.startswith("generator.placement=") and "separate" in item for item in settings):
+        # 1 trainer rank + 1 generator rank (torchrun gives each one OpenMP thread)
+        launcher = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*launcher, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(work), "--shape", args.shape,
            "--dtype", args.dtype, "--measured", str(args.measured)]  # fmt: skip
     cmd += [f"--rlx-set={item}" for item in settings]
     load = uptime()
@@ -235,11 +252,21 @@ def run_worker(python: str, kind: str, work: Path, args, env_extra: dict[str, st
     return out
 
 
-def rlx_variants(backend: str, rlx_set: list[str]) -> dict[str, list[str]]:
-    """Result name -> --rlx-set items of each rlx run: one per generator backend asked for."""
+SEPARATE = ['generator.placement="separate"', "generator.num_ranks=1", "train.max_staleness=1"]
+
+
+def rlx_variants(backend: str, rlx_set: list[str], placement: str = "colocated") -> dict[str, list[str]]:
+    """Result name -> --rlx-set items of each rlx run: one per generator backend asked for, and with
+    `placement` separate (or both) the same on 1 trainer + 1 generator rank, max_staleness 1 (`_separate`)."""
     backends = BACKENDS if backend == "both" else (backend,)
     names = {b: "rlx" if len(backends) == 1 else f"rlx_{b}" for b in backends}
-    return {names[b]: [f'generator.backend="{b}"', *rlx_set] for b in backends}
+    out = {}
+    for b in backends:
+        if placement in ("colocated", "both"):
+            out[names[b]] = [f'generator.backend="{b}"', *rlx_set]
+        if placement in ("separate", "both"):
+            out[f"{names[b]}_separate"] = [f'generator.backend="{b}"', *SEPARATE, *rlx_set]
+    return out
 
 
 def summarize(runs: list[dict], warmup: int) -> dict:
@@ -253,6 +280,9 @@ def summarize(runs: list[dict], warmup: int) -> dict:
     out["build_s"] = round(statistics.median(run["build_s"] for run in runs), 1)
     if "backend" in runs[0]:
         out["backend"] = runs[0]["backend"]
+    if any(r.get("trainer_wait") for r in rows):  # separate ranks: overlap against the slower side
+        out["trainer_wait"] = med("trainer_wait")
+        out["step_over_max_phase"] = round(out["s_per_step"] / max(out["generate"] + out["reward"], out["train"]), 3)
     out["run_medians"] = [round(statistics.median(r["step"] for r in run["steps"][warmup:]), 3) for run in runs]
     out["load_avg"] = [[run["load_before"], run["load_after"]] for run in runs]
     return out
@@ -277,6 +307,8 @@ def main() -> None:
     p.add_argument("--peer", choices=["none", "trl"], default="none")
     p.add_argument("--backend", choices=[*BACKENDS, "both"], default=DEFAULT_BACKEND,
                    help=f"rlx's generator.backend (default {DEFAULT_BACKEND}); both: one rlx run per backend")
+    p.add_argument("--placement", choices=["colocated", "separate", "both"], default="colocated",
+                   help="separate: rlx on 1 trainer + 1 generator rank (torchrun), max_staleness 1; both: each")
     p.add_argument("--background-load", type=int, default=0, help="busy-looping processes beside loaded runs")
     p.add_argument("--measured", type=int, default=0, help="measured steps per run (default: the shape's, 5 or 3)")
     p.add_argument("--rounds", type=int, default=1, help="runs per framework (and per load level), alternated")
@@ -292,7 +324,8 @@ def main() -> None:
     if args.worker:
         fn = {"rlx": worker_rlx, "trl": worker_trl}.get(args.worker)
         out = fn(Path(args.workdir), args.shape, args.dtype, args.measured, args.rlx_set) if fn else worker_matmul(args.dtype)
-        print(RESULT + json.dumps(out), flush=True)
+        if out is not None:  # (a generator rank reports nothing: its trainer does)
+            print(RESULT + json.dumps(out), flush=True)
         return
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rlx-e2e-"))
@@ -301,7 +334,7 @@ def main() -> None:
     task.write_prompts(work / "prompts.jsonl", s["prompts"] * (s["warmup"] + args.measured))
     params = task.write_model(work / f"model-{args.shape}", args.shape)
     assert params == task.num_params(args.shape), (params, task.num_params(args.shape))
-    variants = rlx_variants(args.backend, args.rlx_set)
+    variants = rlx_variants(args.backend, args.rlx_set, args.placement)
     frameworks = {name: sys.executable for name in variants}
     if args.peer == "trl":
         frameworks["trl"] = str(ensure_peer_venv())
@@ -343,6 +376,10 @@ def main() -> None:
             summary["load_slowdown"] = round(loaded["s_per_step"] / summary["s_per_step"], 2)
         result[name] = summary
     result["flop_floor_s"] = round(floor, 2)
+    for name in variants:
+        if name.endswith("_separate") and name.removesuffix("_separate") in result:
+            result[f"{name}_over_colocated"] = round(result[name]["s_per_step"] /
+                                                     result[name.removesuffix("_separate")]["s_per_step"], 3)  # fmt: skip
     if "trl" in frameworks:
         for name in variants:
             result[f"{name}_over_trl"] = round(result[name]["s_per_step"] / result["trl"]["s_per_step"], 3)
