@@ -113,14 +113,6 @@ class Config:
                            "0.515 held-out accuracy after 25 steps against 0.685 with rollout_correction.rollout_is = "
                            "'token' and 0.69 synchronous). Set rollout_correction.rollout_is (or bypass_mode = true)",
                            self.train.max_staleness)  # fmt: skip
-        if self.sampler.type == "token_adaptive":
-            raise ConfigError("token_adaptive needs the trainer's forward on every rollout while it samples; with "
-                              "generator.placement = 'separate' the generator ranks hold no trainer model. Use "
-                              "placement = 'colocated'", "sampler.type")  # fmt: skip
-        if self.sampler.filtered.metric == "seq_final_reward" and self.algorithm.use_kl_in_reward:
-            raise ConfigError("seq_final_reward with use_kl_in_reward needs the policy and the reference while "
-                              "sampling; generator ranks hold neither. Use metric = 'seq_reward' or placement = "
-                              "'colocated'", "sampler.filtered.metric")  # fmt: skip
 
     def resolved(self) -> Config:
         """A copy with every "0 / empty / auto means X" field replaced by X, each substitution logged.

@@ -1,7 +1,10 @@
 """What a generator rank does with `generator.placement = "separate"`: sample, score and ship batches.
 
 A generator rank builds only the sampling side (`build_sampling`: engine, reward, its data stream,
-the sampler) and a CPU copy of the policy that versions arrive into. Then, for each step t from the
+the sampler) and a CPU copy of the policy that versions arrive into; that copy (and, with KL in the
+reward, a copy of the reference) also serves the samplers that need a trainer forward while they
+sample: token_adaptive's exact token stats, and seq_final_reward's KL penalty at the beta the trainer
+sends with every version. Then, for each step t from the
 trainer's start message on: take weight versions from the background receiver, in order, until it
 holds v(t) = max(start, t - 1 - max_staleness) (the engine is reloaded between generation batches,
 never inside one), generate and score the step's batch exactly as a colocated run does
@@ -21,12 +24,15 @@ import torch.distributed as dist
 
 from rlx import distributed
 from rlx.models import from_pretrained
+from rlx.algorithms.critic import apply_kl_penalty
 from rlx.placement import Placement
 from rlx.preflight import check_run_inputs
+from rlx.trainer.policy import compute_logprobs, compute_token_stats
 from rlx.trainer.remote import encode_rollout
 from rlx.trainer.rl import sample_batch, validate
 from rlx.trainer.rl_setup import DTYPES, _weights_source, build_sampling
 from rlx.weight_sync import WeightSync
+from rlx.types import RolloutBatch
 from rlx.weight_sync.transfer import ShardReceiver, Version
 
 logger = logging.getLogger("rlx.generator")
@@ -38,12 +44,37 @@ class GeneratorRank:
         inputs = check_run_inputs(cfg)
         distributed.init_distributed(cfg.parallel.backend)  # the generator ranks' group (split_world made it)
         hf_dir, _ = _weights_source(cfg)
-        self.sampling = build_sampling(cfg, inputs, hf_dir)
-        self.shadow = from_pretrained(hf_dir, dtype=DTYPES[cfg.model.dtype])  # versions land here, then the engine
+        dtype = DTYPES[cfg.model.dtype]
+        # Versions land here, then in the engine. It is also the sampling policy the samplers that need a
+        # trainer forward ask (token_adaptive's token stats; seq_final_reward's KL, with a reference copy).
+        self.shadow = from_pretrained(hf_dir, dtype=dtype)
+        self.ref = from_pretrained(cfg.model.ref_path, dtype=dtype).eval() if cfg.algorithm.use_kl_in_reward else None
+        self.kl_coef = cfg.algorithm.kl_ctrl.kl_coef  # the trainer's controller value, sent with every version
+        self.sampling = build_sampling(cfg, inputs, hf_dir, token_stats=self._token_stats,
+                                       final_rewards=self._final_rewards if self.ref is not None else None)  # fmt: skip
         self.sync = WeightSync(self.sampling.engine)
         self.receiver = ShardReceiver(placement.weights, placement.trainer_ranks)
         self.is_sender = placement.role_rank == 0
         self.current: Version | None = None
+
+    def _forward_kwargs(self) -> dict[str, Any]:
+        c = self.cfg
+        return dict(device=torch.device("cpu"), token_budget=c.loss.micro_batch_tokens, temperature=c.generator.temperature,
+                    chunk_size=c.loss.logprob_chunk_size, dp_group=None, backend=c.loss.logprob_backend)  # fmt: skip
+
+    def _token_stats(self, rollouts):
+        return compute_token_stats(self.shadow, rollouts, **self._forward_kwargs())
+
+    def _final_rewards(self, rollouts) -> list[float]:
+        """As the colocated run's: score - beta * sum_t KL_t(policy || reference), beta from the trainer."""
+        if not rollouts:
+            return []
+        old = compute_logprobs(self.shadow, rollouts, **self._forward_kwargs())
+        ref = compute_logprobs(self.ref, rollouts, **self._forward_kwargs())
+        t = RolloutBatch(list(rollouts)).to_tensors()
+        rewards, _ = apply_kl_penalty(t["token_level_rewards"], old, ref, t["response_mask"], self.kl_coef,
+                                      self.cfg.algorithm.kl_penalty)  # fmt: skip
+        return rewards.sum(-1).tolist()
 
     def _send(self, msg: dict) -> None:
         if self.is_sender:
@@ -55,6 +86,7 @@ class GeneratorRank:
         self.shadow.load_state_dict(v.tensors, strict=False)  # (a tied lm_head arrives as the embedding)
         self.sync.push(self.shadow, version=v.version)
         v.tensors = {}  # the engine has them now
+        self.kl_coef = v.flags.get("kl_coef", self.kl_coef)
         self.current = v
         if v.flags.get("validate"):
             self._send({"kind": "val", "version": v.version, "metrics": validate(self.cfg, self.sampling)})

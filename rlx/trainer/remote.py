@@ -82,7 +82,7 @@ class RemoteGenerator:
             self.done = True
         return waited
 
-    def start(self, model: nn.Module, start_step: int, resume: dict[str, Any]) -> None:
+    def start(self, model: nn.Module, start_step: int, resume: dict[str, Any], kl_coef: float | None = None) -> None:
         """Tell the generator ranks where the run starts and send them its weights (version start_step)."""
         for msg in resume.get("async_pending", []):
             self.pending[msg["step"]] = msg
@@ -92,7 +92,7 @@ class RemoteGenerator:
         if self.p.global_rank == self.p.trainer_ranks[0]:
             for g in self.p.generator_ranks:
                 self.p.rollouts.send_object(init, g)
-        self.push(model, start_step, validate=validate)
+        self.push(model, start_step, validate=validate, kl_coef=kl_coef)
         logger.info("separate generator ranks %s: step t trains on policy version t - 1 - %d", self.p.generator_ranks,
                     self.k)  # fmt: skip
 
@@ -111,13 +111,14 @@ class RemoteGenerator:
         return SampledBatch([decode_rollout(r) for r in msg["rollouts"]], metrics, msg["seconds"],
                             msg["generated_tokens"])  # fmt: skip
 
-    def push(self, model: nn.Module, version: int, *, validate: bool) -> dict[str, float]:
-        """Send version `version` (the weights after that step) to every generator rank."""
+    def push(self, model: nn.Module, version: int, *, validate: bool, kl_coef: float | None = None) -> dict[str, float]:
+        """Send version `version` (the weights after that step) to every generator rank, with the in-reward
+        KL coefficient to use from then on (seq_final_reward) when there is one."""
         self.requested += int(validate)
         stop = version >= self.cfg.train.steps
         self.stop_sent = stop
-        return send_weights(model, self.p.weights, self.p.generator_ranks, version,
-                            flags={"validate": validate, "stop": stop})  # fmt: skip
+        flags = {"validate": validate, "stop": stop, **({"kl_coef": kl_coef} if kl_coef is not None else {})}
+        return send_weights(model, self.p.weights, self.p.generator_ranks, version, flags=flags)
 
     def take_validation(self, wait: bool = True) -> list[dict[str, float]]:
         """The validation results that have arrived since the last call, oldest first (each with

@@ -182,7 +182,8 @@ class RLTrainer:
                 s.scheduler.step()
         with timer("weight_sync"):
             if s.remote is not None:  # every version goes out: the generator ranks follow the step count
-                metrics.update(s.remote.push(s.model, step, validate=self._validates(step)))
+                beta = s.kl_ctrl.value if s.kl_ctrl is not None else None
+                metrics.update(s.remote.push(s.model, step, validate=self._validates(step), kl_coef=beta))
             else:
                 s.engine.wake_up()
                 if update_actor:  # (a frozen policy has nothing new to send)

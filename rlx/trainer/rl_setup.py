@@ -316,8 +316,8 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None, 
         if kl_ctrl is not None and "kl_ctrl" in state.data:
             kl_ctrl.load_state_dict(state.data["kl_ctrl"])
         logger.info("resumed from %s at step %d", state.path, start_step)
-    if remote is not None:  # the generator ranks start from these weights and this data position
-        remote.start(model, start_step, resume_data)
+    if remote is not None:  # the generator ranks start from these weights, this data position and beta
+        remote.start(model, start_step, resume_data, kl_coef=kl_ctrl.value if kl_ctrl is not None else None)
     metric_logger = MetricLogger(str(run_dir), cfg.logging, config_dict=cfg.to_dict(), rank=rank,
                                  total_steps=cfg.train.steps)  # fmt: skip
     sampling_fields = [getattr(sampling, f) if sampling is not None else None

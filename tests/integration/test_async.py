@@ -134,3 +134,16 @@ def _rank(pid: int) -> str:
     except OSError:
         return ""
     return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), "")
+
+
+def test_token_adaptive_samples_on_the_generator_rank(tiny_model, tiny_jsonl, env, tmp_path):
+    """The sampler that needs a trainer forward while it samples gets it from the generator rank's copy of
+    the policy version it generates with."""
+    model = tiny_model("qwen3")
+    cmd = separate(*args(model, tiny_jsonl, tmp_path, "ta", 2, "--train.max_staleness=1", "--sampler.type=token_adaptive",
+                         "--sampler.filtered.metric=acc", "--sampler.filtered.max_num_gen_batches=10",
+                         "--sampler.token_adaptive.min_prefix_length=1", "--checkpoint.enable=false"))  # fmt: skip
+    run(cmd, env)
+    steps = by_step(read_metrics(tmp_path / "ta"))
+    assert sorted(steps) == [1, 2] and steps[2]["async/staleness_max"] == 1.0
+    assert steps[1]["adaptive/total_rollouts"] > 0 and "adaptive/truncation_rate" in steps[2]
