@@ -42,30 +42,31 @@ class Channel:
     def __init__(self, pg: dist.ProcessGroup, name: str):
         self.pg, self.name = pg, name
 
-    def _wait(self, work, peer: int, what: str) -> None:
+    def _run(self, op, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
+        """`op` (the group's send or recv) of one tensor, waited for; a gone peer is ChannelClosed."""
         try:
-            work.wait()
+            op([tensor], peer, tag).wait()
         except RuntimeError as e:
             reason = "connection closed" if "closed" in str(e).lower() else str(e).splitlines()[0][:200]
             raise ChannelClosed(f"rank {peer} of this job stopped ({reason} while {what} on the {self.name} "
                                 f"channel); its own log says why") from None
 
     def send_tensor(self, tensor: torch.Tensor, dst: int) -> None:
-        self._wait(self.pg.send([tensor.contiguous()], dst, _TAG_DATA), dst, "sending to it")
+        self._run(self.pg.send, tensor.contiguous(), dst, _TAG_DATA, "sending to it")
 
     def recv_tensor(self, out: torch.Tensor, src: int) -> torch.Tensor:
-        self._wait(self.pg.recv([out], src, _TAG_DATA), src, "receiving from it")
+        self._run(self.pg.recv, out, src, _TAG_DATA, "receiving from it")
         return out
 
     def send_object(self, obj: Any, dst: int) -> None:
         """A JSON-serializable object (tuples become lists; see `encode`)."""
         data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-        self._wait(self.pg.send([torch.tensor([data.numel()], dtype=torch.long)], dst, _TAG_SIZE), dst, "sending to it")
+        self._run(self.pg.send, torch.tensor([data.numel()], dtype=torch.long), dst, _TAG_SIZE, "sending to it")
         self.send_tensor(data, dst)
 
     def recv_object(self, src: int) -> Any:
         size = torch.zeros(1, dtype=torch.long)
-        self._wait(self.pg.recv([size], src, _TAG_SIZE), src, "receiving from it")
+        self._run(self.pg.recv, size, src, _TAG_SIZE, "receiving from it")
         data = self.recv_tensor(torch.empty(int(size), dtype=torch.uint8), src)
         return json.loads(data.numpy().tobytes().decode())
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from rlx import distributed
 from rlx.models import from_pretrained
 from rlx.algorithms.critic import apply_kl_penalty
-from rlx.placement import Placement
+from rlx.placement import ChannelClosed, Placement
 from rlx.preflight import check_run_inputs
 from rlx.trainer.policy import compute_logprobs, compute_token_stats
 from rlx.trainer.remote import encode_rollout
@@ -122,12 +122,20 @@ class GeneratorRank:
         distributed.teardown_distributed()
 
 
-def run_generator(cfg: Any, placement: Placement) -> dict[str, float]:
-    """The generator rank's whole run (returns nothing to report: the trainer logs)."""
+def run_generator(cfg: Any, placement: Placement, life: Any = None) -> dict[str, float]:
+    """The generator rank's whole run (returns nothing to report: the trainer logs).
+
+    A first SIGTERM/SIGINT (`life`, an entered Lifecycle, remembers it) does not stop a generator rank:
+    it keeps serving, so the trainer ranks can finish their step and save the batches in flight. When
+    the trainer ranks then exit, this rank ends quietly; without a signal, their going is an error."""
     torch.set_grad_enabled(False)
     rank = GeneratorRank(cfg, placement)
     try:
         rank.run()
+    except ChannelClosed:
+        if life is None or life.signum is None:
+            raise
+        logger.info("the trainer ranks stopped after a signal: generator rank %d exits", placement.role_rank)
     finally:
         rank.close()
     return {}

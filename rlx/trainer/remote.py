@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from rlx.placement import Placement
+from rlx.placement import ChannelClosed, Placement
 from rlx.types import Rollout
 from rlx.weight_sync.transfer import send_weights
 
@@ -132,8 +132,14 @@ class RemoteGenerator:
         """What a checkpoint after `step` needs: the batches of steps step+1 .. step+k (waiting for them)
         and every generator rank's data-stream state after the last of them."""
         ahead = [s for s in range(step + 1, min(step + self.k, self.cfg.train.steps) + 1)]
-        while any(s not in self.pending for s in ahead):
-            self._receive()
+        try:
+            while any(s not in self.pending for s in ahead):
+                self._receive()
+        except ChannelClosed as e:  # (e.g. stopped by a second signal) keep what arrived; resume regenerates
+            logger.warning("saving without the batches of steps %s: %s. The resumed run regenerates them from "
+                           "this checkpoint's weights (not bit-identical to an uninterrupted run)",
+                           [s for s in ahead if s not in self.pending], e)  # fmt: skip
+            ahead = [s for s in ahead if s in self.pending and all(a in self.pending for a in range(step + 1, s))]
         pending = [self.pending[s] for s in ahead]
         streams = pending[-1]["streams"] if pending else self.last_streams
         return {"async_pending": pending, "async_streams": streams}

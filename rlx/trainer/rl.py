@@ -299,7 +299,7 @@ def run(cfg: Config, life: Lifecycle | None = None) -> dict[str, float]:
         if placement.role == "generator":
             from rlx.trainer.generator_worker import run_generator
 
-            return run_generator(cfg, placement)
+            return run_generator(cfg, placement, life)
     trainer = RLTrainer(cfg, build_stages(cfg, placement=placement), life)
     try:
         return trainer.fit()

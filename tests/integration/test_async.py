@@ -147,3 +147,31 @@ def test_token_adaptive_samples_on_the_generator_rank(tiny_model, tiny_jsonl, en
     steps = by_step(read_metrics(tmp_path / "ta"))
     assert sorted(steps) == [1, 2] and steps[2]["async/staleness_max"] == 1.0
     assert steps[1]["adaptive/total_rollouts"] > 0 and "adaptive/truncation_rate" in steps[2]
+
+
+def test_sigterm_saves_the_batch_in_flight_and_resumes(tiny_model, tiny_jsonl, env, tmp_path):
+    """SIGTERM to the whole job (what a scheduler sends): the generator rank keeps serving while the
+    trainer finishes its step and saves, with the batch already generated for the next step; the
+    rerun continues from there with the lag intact."""
+    model = tiny_model("qwen3")
+    cmd = separate(*args(model, tiny_jsonl, tmp_path, "term", 8, "--train.max_staleness=1", "--checkpoint.interval=100"))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and '"step": 2' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 2"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    stopped = [line for line in stderr.splitlines() if line.startswith("rlx: stopped by SIGTERM")]
+    assert len(stopped) == 1 and "rlx: error" not in stderr, stderr[-3000:]
+    saved = sorted((tmp_path / "term" / "checkpoints").glob("step-*"))
+    assert len(saved) == 1
+    state = json.loads((saved[0] / "trainer_state.json").read_text())
+    at = state["step"]
+    assert [m["step"] for m in state["data"]["async_pending"]] == [at + 1]
+    run(cmd, env)
+    steps = by_step(read_metrics(tmp_path / "term"))
+    assert sorted(steps) == list(range(1, 9))
+    assert all(steps[s]["async/policy_version"] == s - 2 for s in range(2, 9))
