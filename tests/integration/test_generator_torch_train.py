@@ -39,7 +39,8 @@ def test_two_steps_with_the_torch_generator(name, tiny_model, parity_reward_dir,
     proc = subprocess.run(cmd, env=train_env(parity_reward_dir), cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    assert "vllm" not in proc.stderr.lower(), "the torch backend must not build a vLLM engine"
+    # (the torch backend's warning naming the vLLM-only options it ignores may mention vLLM)
+    assert "building vLLM engine" not in proc.stderr and "vllm." not in proc.stderr, "the torch backend built vLLM"
     steps = {r["step"]: r for r in read_metrics(tmp_path / path.stem)}
     assert {1, 2} <= set(steps), sorted(steps)
     for step in (steps[1], steps[2]):

@@ -80,8 +80,9 @@ def configure(run, **critic_changes) -> RLTrainer:
     s.critic = CriticUpdater(s.critic.model, critic_opt, build_lr_scheduler(critic_opt, cfg.critic.optim, 3), cfg.critic,
                              loss_scale_factor=cfg.loss.loss_scale_factor, device=s.device, dp_rank=0, dp_size=1,
                              dp_group=s.dp_group, rng=s.rng)  # fmt: skip
-    k = cfg.algorithm.kl_ctrl
-    s.kl_ctrl = AdaptiveKLController(k.kl_coef, k.target_kl, k.horizon)
+    # The controller build_stages made from [algorithm.kl_ctrl], back at its initial beta.
+    assert isinstance(s.kl_ctrl, AdaptiveKLController) and (s.kl_ctrl.target, s.kl_ctrl.horizon) == (1e-4, 40.0)
+    s.kl_ctrl.load_state_dict({"type": "adaptive", "value": cfg.algorithm.kl_ctrl.kl_coef})
     return RLTrainer(cfg, s)
 
 
