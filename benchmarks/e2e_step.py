@@ -47,9 +47,9 @@ import _e2e_task as task  # noqa: E402
 PHASES = ("generate", "reward", "old_logprob", "train", "weight_sync")
 PEER_VENV = HERE / ".peer-venv"
 BACKENDS = ("vllm", "torch")
-# rlx's generator here: torch measured faster than vllm on the default shape (two invocations of
-# `--backend both --peer trl`, shared machine at load 1-4: 5.4 vs 8.3 and 7.4 vs 8.3 s/step; generate
-# 1.6-1.8 vs 2.5 s) and level at --shape large (generate 19.9 vs 20.1 s, one run each at load 2.4-3.8).
+# rlx's generator here: torch measured faster than vllm on the default shape (`--backend both --peer
+# trl`, load 0.9-1.7: 4.17 vs 4.86 s/step, generate 1.18 vs 1.73 s; two more invocations at load 1-4
+# agreed) and level at --shape large (generate 19.9 vs 20.1 s, one run each at load 2.4-3.8).
 DEFAULT_BACKEND = "torch"
 TRL_VERSION = "1.16.0"
 RESULT = "E2E_RESULT "
