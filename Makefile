@@ -28,11 +28,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/rlx quickstart --config train_configs/quickstart_cpu.toml
 
+# Idle OpenMP threads sleep instead of spinning (rlx/__init__.py sets the same, but pytest may load
+# torch before rlx): measured, the suite's torch tests ran ~15x slower on a loaded 2-core machine without it.
+PYTEST_ENV = OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE}
+
 test: setup
-	$(PYBIN) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PYTEST_ENV) $(PYBIN) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PYBIN) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST_ENV) $(PYBIN) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 # Each benchmark prints JSON lines; modules named _*.py are their helpers. BENCH_ARGS go to each
 # (e.g. `make bench BENCH=benchmarks/e2e_step.py BENCH_ARGS="--peer trl"`).

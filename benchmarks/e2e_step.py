@@ -13,7 +13,8 @@ in the same run; with `--background-load K` the slowdown beside K busy-looping p
 `--backend` picks rlx's generator (`generator.backend`); `both` runs rlx once per backend in the
 same invocation (results `rlx_vllm`, `rlx_torch`), so their ratios to each other and to TRL share
 one machine state. `--placement separate` runs rlx on 1 trainer rank + 1 generator rank under
-torchrun (one thread each, `train.max_staleness = 1`): results `rlx_separate` with
+torchrun (`--separate-threads` OpenMP threads each, default all cores; `train.max_staleness = 1`):
+results `rlx_separate` with
 `step_over_max_phase` (step time over the slower of generation and training, in the same run) and
 `rlx_separate_over_colocated` with `--placement both`.
 
@@ -235,8 +236,10 @@ def run_worker(python: str, kind: str, work: Path, args, env_extra: dict[str, st
            **env_extra}  # fmt: skip
     launcher = [python]
     if any(item.startswith("generator.placement=") and "separate" in item for item in settings):
-        # 1 trainer rank + 1 generator rank (torchrun gives each one OpenMP thread)
+        # 1 trainer rank + 1 generator rank, each with --separate-threads OpenMP threads (torchrun's own
+        # default is 1; the ranks share the cores, and idle OpenMP threads sleep: OMP_WAIT_POLICY=PASSIVE)
         launcher = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        env = {**env, "OMP_NUM_THREADS": str(args.separate_threads)}
     cmd = [*launcher, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(work), "--shape", args.shape,
            "--dtype", args.dtype, "--measured", str(args.measured)]  # fmt: skip
     cmd += [f"--rlx-set={item}" for item in settings]
@@ -310,6 +313,8 @@ def main() -> None:
                    help=f"rlx's generator.backend (default {DEFAULT_BACKEND}); both: one rlx run per backend")
     p.add_argument("--placement", choices=["colocated", "separate", "both"], default="colocated",
                    help="separate: rlx on 1 trainer + 1 generator rank (torchrun), max_staleness 1; both: each")
+    p.add_argument("--separate-threads", type=int, default=os.cpu_count() or 1,
+                   help="OpenMP threads of each rank with --placement separate (default: all cores)")
     p.add_argument("--background-load", type=int, default=0, help="busy-looping processes beside loaded runs")
     p.add_argument("--measured", type=int, default=0, help="measured steps per run (default: the shape's, 5 or 3)")
     p.add_argument("--rounds", type=int, default=1, help="runs per framework (and per load level), alternated")
@@ -385,6 +390,8 @@ def main() -> None:
         for name in variants:
             result[f"{name}_over_trl"] = round(result[name]["s_per_step"] / result["trl"]["s_per_step"], 3)
     result["load_avg_end"] = float(uptime())
+    if args.placement != "colocated":
+        result["separate_threads_per_rank"] = args.separate_threads
     if rlx_env or args.rlx_set or peer_env:
         result["rlx_env"], result["rlx_set"], result["peer_env"] = rlx_env, args.rlx_set, peer_env
     print(json.dumps(result), flush=True)
