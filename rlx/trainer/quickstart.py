@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                                        f"--data.train_files={data['rl']}",
                                        f"--data.val_files={data['val']}",
                                        "--train.val_before_train=true", *overrides]).resolved()  # fmt: skip
-    say(f"GRPO: {rl_cfg.train.steps} steps, sampler '{rl_cfg.sampler.type}', vLLM CPU engine")
+    engine = {"vllm": "vLLM CPU engine", "torch": "rlx's torch generator"}.get(rl_cfg.generator.backend,
+                                                                              rl_cfg.generator.backend)
+    estimator = rl_cfg.algorithm.adv_estimator.upper() if rl_cfg.algorithm.adv_estimator != "gae" else "PPO (GAE)"
+    say(f"{estimator}: {rl_cfg.train.steps} steps, sampler '{rl_cfg.sampler.type}', {engine}")
     trainer = rl.RLTrainer(rl_cfg, rl.build_stages(rl_cfg))
     try:
         before = trainer.validate()
