@@ -21,14 +21,15 @@ import torch.nn.functional as F
 
 from rlx.errors import UserError
 from rlx.generator.base import GeneratorLayout, check_max_lengths, split_by_prompt_length
+from rlx.generator.decode import KVCache, decode_attention, fuse_layer
+from rlx.generator.sampling import GREEDY_EPS, StopStrings, sample
 from rlx.models import ModelArgs, build_model, load_hf_weights, load_tokenizer, read_hf_config
-from rlx.models.transformer import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
+from rlx.models.transformer import Transformer, rope_cos_sin, rope_inv_freq
 from rlx.types import Completion, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it means greedy
 # GeneratorConfig fields only the vLLM engine reads: set to anything but their default, a warning.
 VLLM_ONLY = ("gpu_memory_utilization", "kv_cache_space_gib", "enforce_eager", "enable_prefix_caching",
              "max_num_batched_tokens")  # fmt: skip
@@ -380,168 +381,6 @@ class TorchGenerator:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class KVCache:
-    """Per layer, keys and values [B, kv_heads, slots, head_dim]."""
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-
-    @classmethod
-    def allocate(cls, model: Transformer, B: int, slots: int, device, dtype) -> KVCache:
-        a = model.args
-        shape = (B, a.num_key_value_heads, slots, a.head_dim)
-        new = lambda: [torch.empty(shape, device=device, dtype=dtype) for _ in range(a.num_hidden_layers)]  # noqa: E731
-        return cls(new(), new())
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (finished sequences leave the batch)."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
-
-
-@dataclass
-class FusedLayer:
-    """One decoder layer's q/k/v and gate/up weights as single matrices, one matmul each.
-
-    The layer's own q/k/v and gate/up Parameters are made views into these (`fuse_layer`), so a
-    weight update copied into them (reload_weights) updates the fused matrices too."""
-
-    qkv_weight: torch.Tensor  # [q + k + v, H]
-    qkv_bias: torch.Tensor | None
-    qkv_sizes: list[int]
-    gate_up_weight: torch.Tensor  # [2 * I, H]
-    down_proj: torch.nn.Module
-
-    def qkv(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Projected, normed and rotated q, k, v [B, heads, T, head_dim] (as Attention.forward)."""
-        attn, (B, T, _) = layer.self_attn, x.shape
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
-        q, k, v = (t.view(B, T, -1, attn.head_dim) for t in qkv)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
-def fuse_layer(layer) -> FusedLayer:
-    """Concatenate a layer's q/k/v and gate/up weights and point its Parameters into the result."""
-    attn, mlp = layer.self_attn, layer.mlp
-
-    def fuse(modules, name):
-        parts = [getattr(m, name) for m in modules]
-        if parts[0] is None:
-            return None
-        fused = torch.cat([p.detach() for p in parts])
-        start = 0
-        for m, p in zip(modules, parts):
-            setattr(m, name, torch.nn.Parameter(fused[start : start + p.shape[0]], requires_grad=False))
-            start += p.shape[0]
-        return fused
-
-    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-    return FusedLayer(
-        qkv_weight=fuse(projections, "weight"),
-        qkv_bias=fuse(projections, "bias"),
-        qkv_sizes=[m.out_features for m in projections],
-        gate_up_weight=fuse((mlp.gate_proj, mlp.up_proj), "weight"),
-        down_proj=mlp.down_proj,
-    )
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-    """One query per row against its cached keys: q [B, H, 1, D], k/v [B, KV, L, D] (GQA: query
-    head h reads KV head h // (H / KV)), key_bias [B, L] added to the scores -> [B, H, D].
-
-    Plain matmuls: SDPA's CPU kernel is several times slower for a single query with a mask."""
-    B, H, _, D = q.shape
-    KV = k.shape[1]
-    q = q.reshape(B, KV, H // KV, D)  # query heads grouped by the KV head they read
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(D**-0.5)  # [B, KV, G, L]
-    scores = scores.float().add_(key_bias[:, None, None, :]).softmax(dim=-1).to(v.dtype)
-    return torch.matmul(scores, v).reshape(B, H, D)
-
-
-def sample(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    noise: torch.Tensor | None,
-    *,
-    top_k: int,
-    top_p: float,
-    suppress: torch.Tensor | None,
-    is_stop: torch.Tensor,
-    any_greedy: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens [B] and their logprobs [B] under the distribution they were drawn from.
-
-    logits [B, V] fp32; temperature [B] (below 1e-5: greedy); noise [B, V] Exponential(1), None
-    when every row is greedy; suppress [B] bool: rows whose stop tokens (`is_stop` [V]) are
-    banned (min_tokens); any_greedy False skips the greedy path (no row is greedy).
-    As vLLM with `logprobs_mode="processed_logprobs"`: sampled rows get
-    log_softmax(top_k_top_p(logits / temperature)), the masked-out tokens renormalized away;
-    greedy rows take the argmax and log_softmax(logits) (no temperature, top-k or top-p)."""
-    if suppress is not None:
-        logits = logits.masked_fill(suppress[:, None] & is_stop[None, :], float("-inf"))
-    if noise is None:  # every row greedy
-        drawn = logits.argmax(dim=-1)
-        return drawn, torch.log_softmax(logits, dim=-1).gather(-1, drawn[:, None])[:, 0]
-    greedy = temperature < GREEDY_EPS
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-    processed = torch.log_softmax(apply_top_k_top_p(scaled, top_k, top_p), dim=-1)
-    # Exponential race: argmax p / E with E ~ Exp(1) is a draw from p (vLLM's random_sample).
-    drawn = (processed.exp() / noise).argmax(dim=-1)
-    if any_greedy:
-        processed = torch.where(greedy[:, None], torch.log_softmax(logits, dim=-1), processed)
-        drawn = torch.where(greedy, logits.argmax(dim=-1), drawn)
-    return drawn, processed.gather(-1, drawn[:, None])[:, 0]
-
-
-def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """vLLM's masks (apply_top_k_top_p_pytorch): -inf outside the k largest (ties at the k-th
-    value kept), then outside the smallest set whose mass reaches top_p (the top token always
-    stays). top_k <= 0 or >= V and top_p >= 1 disable them."""
-    V = logits.shape[-1]
-    use_k, use_p = 0 < top_k < V, top_p < 1.0
-    if not use_k and not use_p:
-        return logits
-    if not use_p:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        return logits.masked_fill(logits < kth, float("-inf"))
-    ascending, index = logits.sort(dim=-1)
-    if use_k:
-        ascending = ascending.masked_fill(ascending < ascending[:, V - top_k : V - top_k + 1], float("-inf"))
-    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative <= 1 - top_p
-    drop[:, -1] = False
-    ascending = ascending.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, index, ascending)
-
-
-class StopStrings:
-    """Stop strings (generator.stop) checked on the decoded response, as vLLM does: a sequence
-    stops at the token that completes a stop string ending after its first min_tokens tokens;
-    that token is kept. Costs a decode per live sequence and step: only built when configured."""
-
-    def __init__(self, tokenizer: Any, stop: list[str]):
-        self.tokenizer = tokenizer
-        self.stop = stop
-
-    def hit(self, tokens: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """tokens [B, t] generated so far; allowed [B] rows past min_tokens -> [B] bool."""
-        out = torch.zeros(tokens.shape[0], dtype=torch.bool)
-        for i, (ids, ok) in enumerate(zip(tokens.tolist(), allowed.tolist())):
-            if ok:
-                text = self.tokenizer.decode(ids)
-                prev = len(self.tokenizer.decode(ids[:-1]))  # only a string ending in the new text counts
-                out[i] = any(text.find(s, max(0, prev - len(s) + 1)) >= 0 for s in self.stop)
-        return out.to(tokens.device)
 
 
 def _warn_ignored(cfg: Any) -> None:
