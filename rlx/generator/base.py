@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from rlx.errors import UserError
-from rlx.types import GenerationRequest
+from rlx.types import Completion, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,42 @@ class GeneratorLayout:
         Every rank passes the same global list; TP peers get the same slice, so they submit
         identical requests in the same order, as vLLM's TP engines require."""
         return list(items[self.dp_index :: self.dp_size])
+
+
+class EngineLayoutMixin:
+    """What both engines share: `dp_index`, `dp_size`, `tp_group_rank` read from their `layout`, and the
+    admission of a generate call's requests (`_admit`)."""
+
+    layout: GeneratorLayout
+    is_sleeping: bool
+    max_prompt_length: int
+    max_model_len: int
+    _counters: dict[str, float]
+
+    def _admit(self, requests: Sequence[GenerationRequest]) -> tuple[list[int], list[list[Completion]]]:
+        """(indices of the requests to generate, one empty result list per request). Prompts that are
+        empty or longer than max_prompt_length never reach the engine: a warning, and they count in
+        `generator/dropped_prompts`. An engine asleep refuses to generate."""
+        if self.is_sleeping:
+            raise RuntimeError("the generator is asleep: call wake_up() before generate()")
+        keep, drop = split_by_prompt_length(requests, self.max_prompt_length, self.max_model_len)
+        if drop:
+            logger.warning("generator: dropped %d of %d prompts (empty or longer than max_prompt_length=%d)",
+                           len(drop), len(requests), self.max_prompt_length)  # fmt: skip
+        self._counters["dropped_prompts"] += len(drop)
+        return keep, [[] for _ in requests]
+
+    @property
+    def dp_index(self) -> int:
+        return self.layout.dp_index
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp_size
+
+    @property
+    def tp_group_rank(self) -> int:
+        return self.layout.tp_group_rank
 
 
 def split_by_prompt_length(

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rlx.errors import UserError
-from rlx.generator.base import GeneratorLayout, check_max_lengths, split_by_prompt_length
+from rlx.generator.base import EngineLayoutMixin, GeneratorLayout, check_max_lengths
 from rlx.generator.decode import KVCache, decode_attention, fuse_layer
 from rlx.generator.sampling import GREEDY_EPS, StopStrings, sample
 from rlx.models import ModelArgs, build_model, load_hf_weights, load_tokenizer, read_hf_config
@@ -51,7 +51,7 @@ class Wave:
     first: int  # position of requests[0] among the call's kept requests
 
 
-class TorchGenerator:
+class TorchGenerator(EngineLayoutMixin):
     """`Generator` that decodes with an `rlx.models.Transformer` in the trainer's process.
 
     Builds its own copy of the model (from the HF directory, in `generator.dtype`) on the
@@ -112,20 +112,6 @@ class TorchGenerator:
         logger.info("generator: torch backend on %s (%s), stop token ids %s",
                     self.device, self.engine_dtype, sorted(stop_ids))  # fmt: skip
 
-    # -- layout helpers -------------------------------------------------------------------------
-
-    @property
-    def dp_index(self) -> int:
-        return self.layout.dp_index
-
-    @property
-    def dp_size(self) -> int:
-        return self.layout.dp_size
-
-    @property
-    def tp_group_rank(self) -> int:
-        return self.layout.tp_group_rank
-
     # -- generation -----------------------------------------------------------------------------
 
     def generate(
@@ -134,16 +120,7 @@ class TorchGenerator:
         """One list of `request.n` completions per request, in request order (vLLM backend's
         contract: greedy requests are decoded once and repeated n times; empty or over-long
         prompts get an empty list and count in `generator/dropped_prompts`)."""
-        if self.is_sleeping:
-            raise RuntimeError("the generator is asleep: call wake_up() before generate()")
-        keep, drop = split_by_prompt_length(requests, self.max_prompt_length, self.max_model_len)
-        if drop:
-            logger.warning(
-                "generator: dropped %d of %d prompts (empty or longer than max_prompt_length=%d)",
-                len(drop), len(requests), self.max_prompt_length,
-            )
-        self._counters["dropped_prompts"] += len(drop)
-        results: list[list[Completion]] = [[] for _ in requests]
+        keep, results = self._admit(requests)
         if not keep:
             return results
 

@@ -17,11 +17,11 @@ import torch
 
 from rlx.errors import UserError
 from rlx.generator.base import (
+    EngineLayoutMixin,
     GeneratorLayout,
     RngSwap,
     TorchThreads,
     check_max_lengths,
-    split_by_prompt_length,
 )
 from rlx.types import Completion, GenerationRequest
 
@@ -54,7 +54,7 @@ def import_vllm():
     return vllm
 
 
-class VLLMGenerator:
+class VLLMGenerator(EngineLayoutMixin):
     """`Generator` backed by an in-process vLLM engine (see rlx.types.Generator).
 
     Callers on ranks of one generator TP group must call `generate` with identical requests in
@@ -130,20 +130,6 @@ class VLLMGenerator:
                 )
         return kwargs
 
-    # -- layout helpers -------------------------------------------------------------------------
-
-    @property
-    def dp_index(self) -> int:
-        return self.layout.dp_index
-
-    @property
-    def dp_size(self) -> int:
-        return self.layout.dp_size
-
-    @property
-    def tp_group_rank(self) -> int:
-        return self.layout.tp_group_rank
-
     # -- generation -----------------------------------------------------------------------------
 
     def generate(
@@ -160,16 +146,7 @@ class VLLMGenerator:
         draw from the engine's own RNG stream (seeded `seed + dp_index`), never the caller's,
         which also keeps TP peers sampling identically whatever the trainer's RNG state.
         """
-        if self.is_sleeping:
-            raise RuntimeError("the generator is asleep: call wake_up() before generate()")
-        keep, drop = split_by_prompt_length(requests, self.max_prompt_length, self.max_model_len)
-        if drop:
-            logger.warning(
-                "generator: dropped %d of %d prompts (empty or longer than max_prompt_length=%d)",
-                len(drop), len(requests), self.max_prompt_length,
-            )
-        self._counters["dropped_prompts"] += len(drop)
-        results: list[list[Completion]] = [[] for _ in requests]
+        keep, results = self._admit(requests)
         if not keep:
             return results
 
