@@ -24,15 +24,13 @@ import torch.distributed as dist
 
 from rlx import distributed
 from rlx.models import from_pretrained
-from rlx.algorithms.critic import apply_kl_penalty
 from rlx.placement import ChannelClosed, Placement
 from rlx.preflight import check_run_inputs
-from rlx.trainer.policy import compute_logprobs, compute_token_stats
+from rlx.trainer.policy import compute_token_stats, forward_options, penalized_sequence_rewards
 from rlx.trainer.remote import encode_rollout
 from rlx.trainer.rl import sample_batch, validate
 from rlx.trainer.rl_setup import DTYPES, _weights_source, build_sampling
 from rlx.weight_sync import WeightSync
-from rlx.types import RolloutBatch
 from rlx.weight_sync.transfer import ShardReceiver, Version
 
 logger = logging.getLogger("rlx.generator")
@@ -57,24 +55,13 @@ class GeneratorRank:
         self.is_sender = placement.role_rank == 0
         self.current: Version | None = None
 
-    def _forward_kwargs(self) -> dict[str, Any]:
-        c = self.cfg
-        return dict(device=torch.device("cpu"), token_budget=c.loss.micro_batch_tokens, temperature=c.generator.temperature,
-                    chunk_size=c.loss.logprob_chunk_size, dp_group=None, backend=c.loss.logprob_backend)  # fmt: skip
-
     def _token_stats(self, rollouts):
-        return compute_token_stats(self.shadow, rollouts, **self._forward_kwargs())
+        return compute_token_stats(self.shadow, rollouts, **forward_options(self.cfg, torch.device("cpu"), None))
 
     def _final_rewards(self, rollouts) -> list[float]:
-        """As the colocated run's: score - beta * sum_t KL_t(policy || reference), beta from the trainer."""
-        if not rollouts:
-            return []
-        old = compute_logprobs(self.shadow, rollouts, **self._forward_kwargs())
-        ref = compute_logprobs(self.ref, rollouts, **self._forward_kwargs())
-        t = RolloutBatch(list(rollouts)).to_tensors()
-        rewards, _ = apply_kl_penalty(t["token_level_rewards"], old, ref, t["response_mask"], self.kl_coef,
-                                      self.cfg.algorithm.kl_penalty)  # fmt: skip
-        return rewards.sum(-1).tolist()
+        """As the colocated run's, at the beta the trainer sent with the current version."""
+        return penalized_sequence_rewards(self.shadow, self.ref, rollouts, self.kl_coef, self.cfg.algorithm.kl_penalty,
+                                          **forward_options(self.cfg, torch.device("cpu"), None))  # fmt: skip
 
     def _send(self, msg: dict) -> None:
         if self.is_sender:
@@ -103,11 +90,10 @@ class GeneratorRank:
             while self.current.version < needed:
                 self._load_next()
             batch = sample_batch(self.sampling, step)
-            streams: list[Any] = [None] * dist.get_world_size() if dist.is_initialized() else [None]
+            streams: list[Any] = [self.sampling.stream.state_dict()]  # every generator rank's, in rank order
             if dist.is_initialized() and dist.get_world_size() > 1:
+                streams = [None] * dist.get_world_size()
                 dist.all_gather_object(streams, self.sampling.stream.state_dict())
-            else:
-                streams = [self.sampling.stream.state_dict()]
             self._send({"kind": "batch", "step": step, "version": self.current.version,
                         "rollouts": [encode_rollout(r) for r in batch.rollouts], "metrics": batch.metrics,
                         "seconds": batch.seconds, "generated_tokens": batch.generated_tokens,

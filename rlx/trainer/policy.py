@@ -14,15 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from rlx.algorithms.critic import apply_kl_penalty
 from rlx.algorithms.logprobs import logprobs_from_hidden, token_stats_from_hidden
 from rlx.trainer.train_step import budget_groups, num_micro_batches
-from rlx.types import Rollout
+from rlx.types import Rollout, RolloutBatch
 
 
 @dataclass
@@ -190,3 +192,24 @@ def compute_token_stats(
 
 def _max_prob_entropy(h: torch.Tensor, w: torch.Tensor, temperature: float, chunk: int, backend: str = "auto"):
     return token_stats_from_hidden(h, w, chunk_size=chunk, temperature=temperature, backend=backend)
+
+
+def forward_options(cfg: Any, device: torch.device, dp_group: dist.ProcessGroup | None) -> dict[str, Any]:
+    """The keyword arguments of `compute_logprobs` / `compute_token_stats` from a resolved Config."""
+    return dict(device=device, token_budget=cfg.loss.micro_batch_tokens, temperature=cfg.generator.temperature,
+                chunk_size=cfg.loss.logprob_chunk_size, dp_group=dp_group, backend=cfg.loss.logprob_backend)
+
+
+def penalized_sequence_rewards(policy: nn.Module, ref: nn.Module, rollouts: Sequence[Rollout], beta: float,
+                               estimator: str, **options) -> list[float]:  # fmt: skip
+    """Each rollout's reward after the in-reward KL penalty (the filtered sampler's seq_final_reward):
+    score - beta * sum_t KL_t(policy || ref), KL by `estimator` (algorithm.kl_penalty). `options` are
+    `forward_options`; both forwards run even for an empty list (they may be collective)."""
+    old = compute_logprobs(policy, rollouts, **options)
+    ref_lp = compute_logprobs(ref, rollouts, **options)
+    if not rollouts:
+        return []
+    t = RolloutBatch(list(rollouts)).to_tensors()
+    rewards, _ = apply_kl_penalty(t["token_level_rewards"], old, ref_lp, t["response_mask"], beta, estimator)
+    return rewards.sum(-1).tolist()
+

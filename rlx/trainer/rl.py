@@ -22,7 +22,7 @@ import torch
 from rlx.algorithms.critic import apply_kl_penalty
 from rlx.config import Config, parse_args
 from rlx.lifecycle import Lifecycle
-from rlx.trainer.policy import compute_logprobs
+from rlx.trainer.policy import compute_logprobs, forward_options
 from rlx.trainer.rl_setup import Stages, build_stages, gather_rollouts
 from rlx.trainer.rl_update import GlobalBatch, balance_by_tokens, gather_rows, seq_lengths
 from rlx.types import Rollout, RolloutBatch
@@ -197,10 +197,7 @@ class RLTrainer:
 
     def _logprobs(self, model, mine, shares, total) -> torch.Tensor:
         s = self.s
-        local = compute_logprobs(model, mine, device=s.device, token_budget=self.cfg.loss.micro_batch_tokens,
-                                 temperature=self.cfg.generator.temperature,
-                                 chunk_size=self.cfg.loss.logprob_chunk_size, dp_group=s.dp_group,
-                                 backend=self.cfg.loss.logprob_backend)  # fmt: skip
+        local = compute_logprobs(model, mine, **forward_options(self.cfg, s.device, s.dp_group))
         return gather_rows(local, shares, total, s.dp_group)
 
     def _batch_metrics(self, rollouts, g: GlobalBatch, generated_tokens: float) -> dict[str, float]:

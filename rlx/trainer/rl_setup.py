@@ -28,13 +28,13 @@ from rlx.parallel import ParallelDims, build_parallel_model
 from rlx.preflight import check_run_inputs
 from rlx.reward import build_reward
 from rlx.sampler import SamplerContext, build_sampler
-from rlx.algorithms.critic import KLController, apply_kl_penalty, build_kl_controller
+from rlx.algorithms.critic import KLController, build_kl_controller
 from rlx.trainer.critic_update import CriticUpdater
 from rlx.trainer.loss_stage import AdvantageFn, LossStage, build_advantage, build_loss
-from rlx.trainer.policy import compute_logprobs, compute_token_stats
+from rlx.trainer.policy import compute_token_stats, forward_options, penalized_sequence_rewards
 from rlx.trainer.rl_update import PolicyUpdater
 from rlx.trainer.train_step import build_lr_scheduler, build_optimizer, make_generator
-from rlx.types import Completion, GenerationRequest, RewardResult, Rollout, RolloutBatch
+from rlx.types import Completion, GenerationRequest, RewardResult, Rollout
 from rlx.weight_sync import WeightSync
 
 logger = logging.getLogger("rlx.train")
@@ -256,10 +256,10 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None, 
 
     tokenizer = inputs.tokenizer
 
+    options = forward_options(cfg, device, dp_group)
+
     def token_stats(rollouts: Sequence[Rollout]):
-        return compute_token_stats(model, rollouts, device=device, token_budget=cfg.loss.micro_batch_tokens,
-                                   temperature=cfg.generator.temperature, chunk_size=cfg.loss.logprob_chunk_size,
-                                   dp_group=dp_group, backend=cfg.loss.logprob_backend)  # fmt: skip
+        return compute_token_stats(model, rollouts, **options)
 
     if cfg.sampler.type == "token_adaptive" and dims.tp > 1 and cfg.generator.tp != dims.tp:
         from rlx.errors import UserError
@@ -268,18 +268,9 @@ def build_stages(cfg: Config, *, engine: Any = None, reward_scorer: Any = None, 
                         "parallel.tp > 1 set generator.tp equal to parallel.tp so TP ranks hold the same rollouts")
 
     def final_rewards(rollouts: Sequence[Rollout]) -> list[float]:
-        """Each rollout's reward after the in-reward KL penalty at the current beta (the filtered
-        sampler's seq_final_reward): score - beta * sum_t KL_t under the policy and the reference now."""
-        lp = lambda m: compute_logprobs(m, rollouts, device=device, token_budget=cfg.loss.micro_batch_tokens,  # noqa: E731
-                                        temperature=cfg.generator.temperature, chunk_size=cfg.loss.logprob_chunk_size,
-                                        dp_group=dp_group, backend=cfg.loss.logprob_backend)  # fmt: skip
-        old, ref = lp(model), lp(ref_model)
-        if not rollouts:
-            return []
-        t = RolloutBatch(list(rollouts)).to_tensors()
-        rewards, _ = apply_kl_penalty(t["token_level_rewards"], old, ref, t["response_mask"], kl_ctrl.value,
-                                      cfg.algorithm.kl_penalty)  # fmt: skip
-        return rewards.sum(-1).tolist()
+        """seq_final_reward at the controller's current beta, under the policy and the reference now."""
+        return penalized_sequence_rewards(model, ref_model, rollouts, kl_ctrl.value, cfg.algorithm.kl_penalty,
+                                          **options)  # fmt: skip
 
     sampling = remote = None
     if placement is None:
