@@ -71,14 +71,21 @@ class GeneratorLayout:
 
 
 class EngineLayoutMixin:
-    """What both engines share: `dp_index`, `dp_size`, `tp_group_rank` read from their `layout`, and the
-    admission of a generate call's requests (`_admit`)."""
+    """What both engines share: `dp_index`, `dp_size`, `tp_group_rank` read from their `layout`, the
+    checked limits (`_set_limits`) and the admission of a generate call's requests (`_admit`)."""
 
     layout: GeneratorLayout
     is_sleeping: bool
     max_prompt_length: int
     max_model_len: int
     _counters: dict[str, float]
+
+    def _set_limits(self, cfg: Any, layout: GeneratorLayout, max_prompt_length: int) -> None:
+        """cfg, layout and the length limits, checked (the layout's TP is generator.tp)."""
+        if layout.tp != cfg.tp:
+            raise UserError(f"layout.tp={layout.tp} differs from generator.tp={cfg.tp}")
+        self.cfg, self.layout, self.max_prompt_length = cfg, layout, max_prompt_length
+        self.max_model_len = check_max_lengths(max_prompt_length, cfg.max_tokens, cfg.max_model_len)
 
     def _admit(self, requests: Sequence[GenerationRequest]) -> tuple[list[int], list[list[Completion]]]:
         """(indices of the requests to generate, one empty result list per request). Prompts that are

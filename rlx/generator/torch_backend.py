@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rlx.errors import UserError
-from rlx.generator.base import EngineLayoutMixin, GeneratorLayout, check_max_lengths
+from rlx.generator.base import EngineLayoutMixin, GeneratorLayout
 from rlx.generator.decode import KVCache, decode_attention, fuse_layer
 from rlx.generator.sampling import GREEDY_EPS, StopStrings, sample
 from rlx.models import ModelArgs, build_model, load_hf_weights, load_tokenizer, read_hf_config
@@ -75,12 +75,7 @@ class TorchGenerator(EngineLayoutMixin):
             raise UserError(f"generator.backend={cfg.backend!r} is not the torch backend")
         if cfg.tp != 1:
             raise UserError(f"generator.backend='torch' has no tensor parallelism: set generator.tp = 1 (got {cfg.tp})")
-        if layout.tp != cfg.tp:
-            raise UserError(f"layout.tp={layout.tp} differs from generator.tp={cfg.tp}")
-        self.cfg = cfg
-        self.layout = layout
-        self.max_prompt_length = max_prompt_length
-        self.max_model_len = check_max_lengths(max_prompt_length, cfg.max_tokens, cfg.max_model_len)
+        self._set_limits(cfg, layout, max_prompt_length)
         self.device = torch.device(device) if device is not None else _default_device()
         _warn_ignored(cfg)
         hf_config = read_hf_config(model_path)

@@ -21,7 +21,6 @@ from rlx.generator.base import (
     GeneratorLayout,
     RngSwap,
     TorchThreads,
-    check_max_lengths,
 )
 from rlx.types import Completion, GenerationRequest
 
@@ -65,12 +64,7 @@ class VLLMGenerator(EngineLayoutMixin):
     def __init__(self, cfg: Any, model_path: str, *, max_prompt_length: int, layout: GeneratorLayout):
         if cfg.backend != "vllm":
             raise UserError(f"generator.backend={cfg.backend!r} is not supported; valid: 'vllm'")
-        if layout.tp != cfg.tp:
-            raise UserError(f"layout.tp={layout.tp} differs from generator.tp={cfg.tp}")
-        self.cfg = cfg
-        self.layout = layout
-        self.max_prompt_length = max_prompt_length
-        self.max_model_len = check_max_lengths(max_prompt_length, cfg.max_tokens, cfg.max_model_len)
+        self._set_limits(cfg, layout, max_prompt_length)
         self.on_gpu = torch.cuda.is_available()
         self.sleep_enabled = self.on_gpu and cfg.enable_sleep_mode
         self.is_sleeping = False
