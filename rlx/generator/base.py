@@ -72,13 +72,15 @@ class GeneratorLayout:
 
 class EngineLayoutMixin:
     """What both engines share: `dp_index`, `dp_size`, `tp_group_rank` read from their `layout`, the
-    checked limits (`_set_limits`) and the admission of a generate call's requests (`_admit`)."""
+    checked limits (`_set_limits`), the admission of a generate call's requests (`_admit`) and its
+    counters (`_count`)."""
 
     layout: GeneratorLayout
     is_sleeping: bool
     max_prompt_length: int
     max_model_len: int
     _counters: dict[str, float]
+    _last_tokens_per_second: float
 
     def _set_limits(self, cfg: Any, layout: GeneratorLayout, max_prompt_length: int) -> None:
         """cfg, layout and the length limits, checked (the layout's TP is generator.tp)."""
@@ -99,6 +101,14 @@ class EngineLayoutMixin:
                            len(drop), len(requests), self.max_prompt_length)  # fmt: skip
         self._counters["dropped_prompts"] += len(drop)
         return keep, [[] for _ in requests]
+
+    def _count(self, keep: list[int], results: list[list[Completion]], num_tokens: int, seconds: float) -> None:
+        """Add one generate call to the counters `metrics()` reports."""
+        self._counters["prompts"] += len(keep)
+        self._counters["completions"] += sum(len(results[i]) for i in keep)
+        self._counters["tokens"] += num_tokens
+        self._counters["seconds"] += seconds
+        self._last_tokens_per_second = num_tokens / max(seconds, 1e-9)
 
     @property
     def dp_index(self) -> int:

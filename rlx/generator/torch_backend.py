@@ -130,11 +130,7 @@ class TorchGenerator(EngineLayoutMixin):
                     outs = [copy.deepcopy(outs[0]) for _ in range(r.n)]
                 results[keep[wave.first + j]] = outs
         seconds = time.perf_counter() - start
-        self._counters["prompts"] += len(keep)
-        self._counters["completions"] += sum(len(results[i]) for i in keep)
-        self._counters["tokens"] += num_tokens
-        self._counters["seconds"] += seconds
-        self._last_tokens_per_second = num_tokens / max(seconds, 1e-9)
+        self._count(keep, results, num_tokens, seconds)
         return results
 
     def _waves(self, requests: list[GenerationRequest], validation: bool):

@@ -158,11 +158,7 @@ class VLLMGenerator(EngineLayoutMixin):
             if len(results[i]) < requests[i].n:  # greedy: one sample stands for all n
                 assert sp.temperature == 0 and len(results[i]) == 1
                 results[i] = [copy.deepcopy(results[i][0]) for _ in range(requests[i].n)]
-        self._counters["prompts"] += len(keep)
-        self._counters["completions"] += sum(len(results[i]) for i in keep)
-        self._counters["tokens"] += num_tokens
-        self._counters["seconds"] += seconds
-        self._last_tokens_per_second = num_tokens / max(seconds, 1e-9)
+        self._count(keep, results, num_tokens, seconds)
         return results
 
     def reseed(self, step: int) -> None:
