@@ -56,6 +56,50 @@ def test_logits_match_hf(hf_checkpoints, family, tied):
     assert _max_valid_diff(ours, ref, mask) <= 1e-4
 
 
+def test_gradients_match_hf(hf_checkpoints):
+    """Every parameter's gradient of a token loss equals HF's (Qwen3: RMSNorm's hand-written backward
+    on the layer norms and on q_norm / k_norm)."""
+    path, hf_model = hf_checkpoints("qwen3", False)
+    model = from_pretrained(path)
+    ids, mask = _padded_batch(model.args.vocab_size)
+    weights = mask.float()[..., None]
+    (model(ids).log_softmax(-1) * weights).sum().backward()
+    hf_model.zero_grad()
+    (hf_model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1) * weights).sum().backward()
+    hf_grads = dict(hf_model.named_parameters())
+    for name, p in model.named_parameters():
+        ref = hf_grads[name].grad
+        assert (p.grad - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), name
+    hf_model.zero_grad()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 5, 16), (2, 3, 4, 8)], ids=["hidden", "heads"])
+def test_rms_norm_backward_matches_autograd(dtype, shape):
+    """RMSNorm under autograd: the same forward numbers as its no-grad path, and input / weight
+    gradients equal to autograd's through the same ops (float64 for the reference)."""
+    from rlx.models.transformer import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(shape[-1], 1e-6, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[-1], generator=g) + 0.5)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(shape, generator=g).to(dtype)
+    out = norm(x)
+    with torch.no_grad():
+        assert torch.equal(out, norm(x))
+    out.backward(grad)
+
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    ref = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    ref.backward(grad.double())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for ours, want in ((x.grad, x64.grad), (norm.weight.grad, w64.grad)):
+        assert ours.dtype == dtype
+        assert (ours.double() - want).abs().max().item() <= tol * want.abs().max().item()
+
+
 def test_return_hidden_projects_to_logits(hf_checkpoints):
     path, _ = hf_checkpoints("qwen3", True)
     model = from_pretrained(path)
