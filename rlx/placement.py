@@ -12,7 +12,8 @@ from the store (never registered as torch.distributed groups, so no rank has to 
 `rollouts` (generator -> trainer batches and validation results; trainer -> generator start messages)
 and `weights` (trainer -> generator weight shards, received on the generator by a background thread,
 so a trainer's send never waits for a generation batch to finish). Messages are JSON (data, never
-code) or flat tensors.
+code) or flat tensors. On GPU (the role backend resolves to nccl) the `weights` channel's tensors go
+over a raw NCCL group of the whole world instead, GPU to GPU; its JSON headers stay on gloo.
 """
 
 from __future__ import annotations
@@ -37,10 +38,16 @@ class ChannelClosed(PeerStopped):
 
 
 class Channel:
-    """Point-to-point messages between global ranks over one raw gloo process group (all ranks)."""
+    """Point-to-point messages between global ranks over one raw gloo process group (all ranks).
 
-    def __init__(self, pg: dist.ProcessGroup, name: str):
+    Objects always travel over `pg` (gloo, CPU). Tensors travel over `data_pg` when given (a raw NCCL
+    group: tensors are moved to `device`, this rank's GPU), else over `pg` on the CPU."""
+
+    def __init__(self, pg: dist.ProcessGroup, name: str, *, data_pg: dist.ProcessGroup | None = None,
+                 device: torch.device | None = None):  # fmt: skip
         self.pg, self.name = pg, name
+        self.data_pg = data_pg if data_pg is not None else pg
+        self.device = device if device is not None else torch.device("cpu")
 
     def _run(self, op, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
         """`op` (the group's send or recv) of one tensor, waited for; a gone peer is ChannelClosed."""
@@ -52,22 +59,25 @@ class Channel:
                                 f"channel); its own log says why") from None
 
     def send_tensor(self, tensor: torch.Tensor, dst: int) -> None:
-        self._run(self.pg.send, tensor.contiguous(), dst, _TAG_DATA, "sending to it")
+        """Send `tensor` (moved to this channel's device); returns once it may be reused or freed."""
+        self._run(self.data_pg.send, tensor.to(self.device).contiguous(), dst, _TAG_DATA, "sending to it")
 
     def recv_tensor(self, out: torch.Tensor, src: int) -> torch.Tensor:
-        self._run(self.pg.recv, out, src, _TAG_DATA, "receiving from it")
+        """Receive into `out`, which must live on this channel's device (see `device`)."""
+        self._run(self.data_pg.recv, out, src, _TAG_DATA, "receiving from it")
         return out
 
     def send_object(self, obj: Any, dst: int) -> None:
         """A JSON-serializable object (tuples become lists; see `encode`)."""
         data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
         self._run(self.pg.send, torch.tensor([data.numel()], dtype=torch.long), dst, _TAG_SIZE, "sending to it")
-        self.send_tensor(data, dst)
+        self._run(self.pg.send, data, dst, _TAG_DATA, "sending to it")
 
     def recv_object(self, src: int) -> Any:
         size = torch.zeros(1, dtype=torch.long)
         self._run(self.pg.recv, size, src, _TAG_SIZE, "receiving from it")
-        data = self.recv_tensor(torch.empty(int(size), dtype=torch.uint8), src)
+        data = torch.empty(int(size), dtype=torch.uint8)
+        self._run(self.pg.recv, data, src, _TAG_DATA, "receiving from it")
         return json.loads(data.numpy().tobytes().decode())
 
 
@@ -122,9 +132,25 @@ def split_world(num_generators: int, backend: str, timeout_s: float = 1800.0) ->
     from rlx.distributed import resolve_backend
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(resolve_backend(backend), store=dist.PrefixStore(f"rlx/{role}", store), rank=role_rank,
+    backend = resolve_backend(backend)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"rlx/{role}", store), rank=role_rank,
                             world_size=role_size, timeout=timeout)  # fmt: skip
-    channels = [Channel(dist.ProcessGroupGloo(dist.PrefixStore(f"rlx/{name}", store), rank, world, timeout), name)
-                for name in ("rollouts", "weights")]  # fmt: skip
+    gloo = {name: dist.ProcessGroupGloo(dist.PrefixStore(f"rlx/{name}", store), rank, world, timeout)
+            for name in ("rollouts", "weights")}  # fmt: skip
+    rollouts = Channel(gloo["rollouts"], "rollouts")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        weights = Channel(gloo["weights"], "weights", data_pg=_nccl_group(store, rank, world, timeout), device=device)
+    else:
+        weights = Channel(gloo["weights"], "weights")
     os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(role_size), RLX_ROLE=role)
-    return Placement(role, rank, world, trainers, num_generators, *channels)
+    return Placement(role, rank, world, trainers, num_generators, rollouts, weights)
+
+
+def _nccl_group(store: dist.Store, rank: int, world: int, timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """A raw NCCL group of the whole world for the weights' tensors (GPU to GPU). Like the gloo channels
+    it is built from the store, never registered, so no rank joins a collective to create it; NCCL makes
+    a communicator per trainer-generator pair at their first send."""
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    return dist.ProcessGroupNCCL(dist.PrefixStore("rlx/weights-nccl", store), rank, world, opts)

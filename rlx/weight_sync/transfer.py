@@ -8,7 +8,9 @@ slices) precedes them. A generator rank receives every trainer rank's buckets in
 a background thread (`ShardReceiver`), so the trainer's send completes while generation goes on;
 the generator's loop takes whole versions from its queue between generation batches
 (`ShardReceiver.get`) and loads them into its engine. No rank ever holds the whole model in one
-message, and the trainer ranks never gather.
+message, and the trainer ranks never gather. Buckets travel over the channel's data group: gloo on
+CPU, NCCL GPU to GPU when the job runs on GPUs (`rlx.placement.Channel`); versions are assembled on
+the channel's device.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ class ShardReceiver:
         self.thread.start()
 
     def _run(self) -> None:
+        device = self.channel.device  # the GPU under NCCL: versions are assembled there
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         try:
             while True:
                 tensors: dict[str, torch.Tensor] = {}
@@ -103,14 +108,16 @@ class ShardReceiver:
                     entries = header["entries"]
                     for name, shape, _ in entries:
                         if name not in tensors:
-                            tensors[name] = torch.empty(shape, dtype=dtype)
+                            tensors[name] = torch.empty(shape, dtype=dtype, device=device)
                     for bucket in header["buckets"]:
                         numels = [_numel(entries[i][2]) for i in bucket]
-                        flat = self.channel.recv_tensor(torch.empty(sum(numels), dtype=dtype), src)
+                        flat = self.channel.recv_tensor(torch.empty(sum(numels), dtype=dtype, device=device), src)
                         for i, piece in zip(bucket, flat.split(numels)):
                             name, _, index = entries[i]
                             region = tuple(slice(a, b) for a, b in index)
                             tensors[name][region] = piece.view([b - a for a, b in index])
+                if device.type == "cuda":  # NCCL's wait() only orders streams: finish before another thread reads
+                    torch.cuda.current_stream(device).synchronize()
                 flags = {k: v for k, v in header.items() if k not in ("version", "dtype", "entries", "buckets")}
                 self.queue.put(Version(header["version"], tensors, flags))
                 if flags.get("stop"):

@@ -4,8 +4,10 @@ rank, receives them (`ShardReceiver`), pushes them into a torch-backend engine, 
 same perturbation applied to a plain copy of the model: every tensor, greedy tokens, and the sampled
 tokens' logprobs against a full forward of that copy.
 
-Output (generator rank, JSON to --out): {"max_weight_diff", "greedy_equal", "max_logprob_diff", "names"}.
-Run with PYTHONPATH at the repository root, nproc = trainer ranks + 1.
+Output (generator rank, JSON to --out): {"max_weight_diff", "greedy_equal", "max_logprob_diff", "names",
+"device"} (`device`: where the received version was assembled). Run with PYTHONPATH at the repository
+root, nproc = trainer ranks + 1. `--backend nccl` (one GPU per rank): the trainer's shards live on its
+GPU and go GPU to GPU over the channel's NCCL group; the engine check then runs on CPU copies.
 """
 
 from __future__ import annotations
@@ -38,23 +40,27 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     a = p.parse_args()
-    placement = split_world(1, "gloo", timeout_s=300)
+    placement = split_world(1, a.backend, timeout_s=300)
+    device = placement.weights.device
     if placement.role == "trainer":
         pcfg = SimpleNamespace(dp_replicate=1, dp_shard=-1, tp=a.tp, activation_checkpoint="none", ac_every=1,
                                compile=False, reshard_after_forward=True, param_dtype="float32", reduce_dtype="float32")  # fmt: skip
         dims = ParallelDims.from_config(pcfg, placement.num_trainers)
-        dims.build_mesh("cpu")
-        model = build_parallel_model(a.model, dims, pcfg, device=torch.device("cpu"))
+        dims.build_mesh(device.type)
+        model = build_parallel_model(a.model, dims, pcfg, device=device)
         with torch.no_grad():
             for name, param in model.state_dict(keep_vars=True).items():
                 if name == "lm_head.weight" and model.args.tie_word_embeddings:
                     continue
                 local, index = local_slice(param)
-                local.add_(delta(name, param.shape)[index])
+                local.add_(delta(name, param.shape)[index].to(local.device))
         send_weights(model, placement.weights, placement.generator_ranks, 1, flags={"stop": True}, bucket_mb=0.05)
         return
     received = ShardReceiver(placement.weights, placement.trainer_ranks).get(timeout=300)
+    arrived_on = sorted({str(t.device) for t in received.tensors.values()})
+    received.tensors = {n: t.cpu() for n, t in received.tensors.items()}
     expected = from_pretrained(a.model)
     with torch.no_grad():
         for name, t in expected.state_dict().items():
@@ -84,7 +90,7 @@ def main() -> None:
                 lp_diff = max(lp_diff, (want - torch.tensor(c.logprobs)).abs().max().item())
     with open(a.out, "w") as f:
         json.dump({"max_weight_diff": worst, "greedy_equal": bool(greedy_equal), "max_logprob_diff": lp_diff,
-                   "names": sorted(received.tensors)}, f)  # fmt: skip
+                   "names": sorted(received.tensors), "device": arrived_on}, f)  # fmt: skip
     engine.shutdown()
 
 
