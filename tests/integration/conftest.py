@@ -41,11 +41,17 @@ def score(response, ground_truth, **kwargs):
 
 
 def train_env(*pythonpath: str | Path) -> dict[str, str]:
-    """os.environ plus TRAIN_ENV, with the repo and `pythonpath` entries on PYTHONPATH."""
+    """os.environ plus TRAIN_ENV, with the repo and `pythonpath` entries on PYTHONPATH, without the
+    launcher's variables (RANK, MASTER_PORT, ...) that an in-process test's init_distributed leaves
+    in os.environ: each run is a fresh launch (a stale RANK would send it to a TCP rendezvous)."""
     paths = [str(p) for p in pythonpath] + [str(REPO)]
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
-    return {**os.environ, **TRAIN_ENV, "PYTHONPATH": os.pathsep.join(paths)}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return {**env, **TRAIN_ENV, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RLX_ROLE")
 
 
 @pytest.fixture(scope="session")
