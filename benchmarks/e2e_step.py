@@ -3,8 +3,9 @@
 Each run is a fresh process: 1 warm-up step + N measured steps through the real trainer
 (`RLTrainer.step`), timed per phase. Prints one JSON line: median s/step, the median of each
 phase, generated tokens/s, peak RSS; with `--peer trl` the same for TRL (alternating the two,
-run by run) and `rlx_over_trl`; with `--shape large` the FLOP floor at the matmul rate measured
-in the same run; with `--background-load K` the slowdown beside K busy-looping processes.
+run by run) and `rlx_over_trl`; `flop_floor_s` (2 x params per generated token + 6 x params per
+trained token at the matmul rate measured in the same run, in the run's dtype) and each framework's
+`over_floor`; with `--background-load K` the slowdown beside K busy-looping processes.
 
     python benchmarks/e2e_step.py [--shape default|large] [--dtype fp32|bf16] [--peer trl]
                                   [--backend vllm|torch|both] [--placement colocated|separate|both]
@@ -374,8 +375,7 @@ def main() -> None:
     floor = task.flop_floor(args.shape, matmul["gflops"] * 1e9)
     for name in frameworks:
         summary = summarize(runs[(name, 0)], s["warmup"])
-        if args.shape == "large" or args.dtype == "bf16":
-            summary["over_floor"] = round(summary["s_per_step"] / floor, 2)
+        summary["over_floor"] = round(summary["s_per_step"] / floor, 2)
         if args.background_load:
             loaded = summarize(runs[(name, args.background_load)], s["warmup"])
             summary["loaded"] = loaded
