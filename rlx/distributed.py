@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,20 @@ def teardown_distributed() -> None:
     """Destroy the default process group if one exists (call once, at exit)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_now(code: int = 0) -> None:
+    """Flush stdout/stderr and end the process without interpreter finalization (`os._exit`), after a
+    torchrun worker's own cleanup is done. With gloo, a worker thread of a process group can still be
+    dropping a finished collective's work (tensors that hold Python objects) when the interpreter
+    finalizes; it then cannot take the GIL and the process aborts ("terminate called without an
+    active exception", exit -6) after all its work succeeded: seen with TP under load (torch 2.13).
+    The parity scripts under tests/distributed end with this. Not for a process that holds a vLLM
+    engine: vLLM CPU's shared-memory segments are removed at finalization, and a stale
+    /dev/shm/*cpushm* segment makes the next TP engine fail (EEXIST)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank() -> int:

@@ -122,3 +122,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_now()  # no interpreter finalization racing gloo's worker threads (see exit_now)

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
+from rlx import distributed
 from rlx.config.sections import GeneratorConfig
 from rlx.generator import build_generator
 from rlx.models import from_pretrained
@@ -96,3 +97,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_now()  # no interpreter finalization racing gloo's worker threads (see exit_now)
