@@ -120,6 +120,15 @@ class RemoteGenerator:
         flags = {"validate": validate, "stop": stop, **({"kl_coef": kl_coef} if kl_coef is not None else {})}
         return send_weights(model, self.p.weights, self.p.generator_ranks, version, flags=flags)
 
+    def confirm_alive(self, step: int) -> None:
+        """Before a signal stop without a checkpoint: wait for the batch generated from the weights pushed
+        after `step` (generator ranks keep serving after a first signal). When a generator rank has died,
+        torchrun signals the trainer too, and this reports the death as what stopped the run
+        (ChannelClosed: one `rlx: error:` line naming the rank) instead of a clean stop."""
+        target = min(step + 1 + self.k, self.cfg.train.steps)
+        while target > step and target not in self.pending:
+            self._receive()
+
     def take_validation(self, wait: bool = True) -> list[dict[str, float]]:
         """The validation results that have arrived since the last call, oldest first (each with
         `val/version`, the step whose weights it measured); with `wait`, every requested one."""

@@ -277,6 +277,8 @@ class RLTrainer:
                 if step % cfg.train.log_every and step != last:
                     s.logger.log(metrics, step=step)  # the last step's metrics are never lost
                 s.checkpointer.wait()  # an async save completes before the exit
+                if s.remote is not None and saved is None:
+                    s.remote.confirm_alive(step)
                 why = "checkpoint.enable = false" if not cfg.checkpoint.enable else "checkpoint.save_on_signal = false"
                 raise life.stopped(step, saved, why)
         return final
