@@ -41,9 +41,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> torch.
     if single:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = rank_device(backend)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
@@ -52,6 +51,13 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> torch.
             kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return device
+
+
+def rank_device(backend: str) -> torch.device:
+    """This rank's device under a resolved backend: cuda:LOCAL_RANK with nccl, else the CPU."""
+    if backend == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def _use_loopback() -> None:

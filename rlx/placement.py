@@ -129,7 +129,7 @@ def split_world(num_generators: int, backend: str, timeout_s: float = 1800.0) ->
     trainers = world - num_generators
     role = "trainer" if rank < trainers else "generator"
     role_rank, role_size = (rank, trainers) if role == "trainer" else (rank - trainers, num_generators)
-    from rlx.distributed import resolve_backend
+    from rlx.distributed import rank_device, resolve_backend
 
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = resolve_backend(backend)
@@ -139,8 +139,8 @@ def split_world(num_generators: int, backend: str, timeout_s: float = 1800.0) ->
             for name in ("rollouts", "weights")}  # fmt: skip
     rollouts = Channel(gloo["rollouts"], "rollouts")
     if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        weights = Channel(gloo["weights"], "weights", data_pg=_nccl_group(store, rank, world, timeout), device=device)
+        weights = Channel(gloo["weights"], "weights", data_pg=_nccl_group(store, rank, world, timeout),
+                          device=rank_device(backend))  # fmt: skip
     else:
         weights = Channel(gloo["weights"], "weights")
     os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(role_size), RLX_ROLE=role)
