@@ -212,4 +212,3 @@ def penalized_sequence_rewards(policy: nn.Module, ref: nn.Module, rollouts: Sequ
     t = RolloutBatch(list(rollouts)).to_tensors()
     rewards, _ = apply_kl_penalty(t["token_level_rewards"], old, ref_lp, t["response_mask"], beta, estimator)
     return rewards.sum(-1).tolist()
-

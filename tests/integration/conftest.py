@@ -40,6 +40,10 @@ def score(response, ground_truth, **kwargs):
 '''
 
 
+# What torchrun (or an in-process init_distributed) puts in the environment; never passed to a new launch.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RLX_ROLE")
+
+
 def train_env(*pythonpath: str | Path) -> dict[str, str]:
     """os.environ plus TRAIN_ENV, with the repo and `pythonpath` entries on PYTHONPATH, without the
     launcher's variables (RANK, MASTER_PORT, ...) that an in-process test's init_distributed leaves
@@ -50,8 +54,6 @@ def train_env(*pythonpath: str | Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     return {**env, **TRAIN_ENV, "PYTHONPATH": os.pathsep.join(paths)}
 
-
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RLX_ROLE")
 
 
 @pytest.fixture(scope="session")
